@@ -1,0 +1,48 @@
+"""CLI: `python -m sae_sweep [key=value ...]` trains one SAE (see `--help`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sae_sweep.config import register_configs
+from sae_sweep.errors import SaeSweepError
+
+log = logging.getLogger("sae_sweep")
+
+
+def run_name(override_dirname: str) -> str:
+    """A directory name from the command's overrides ('default' for none); no nested folders."""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
+    return name[:200] or "default"
+
+
+def _register() -> None:
+    register_configs()
+    if not OmegaConf.has_resolver("sae_sweep_run_name"):
+        OmegaConf.register_new_resolver("sae_sweep_run_name", run_name)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from sae_sweep.train.trainer import TrainingDiverged, summary_line, train
+
+    try:
+        metrics = train(cfg)
+    except TrainingDiverged as err:
+        print(f"sae_sweep: training diverged: {err}", file=sys.stderr)
+        sys.exit(1)
+    except SaeSweepError as err:
+        print(f"sae_sweep: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"run directory: {cfg.out_dir}")
+    print(summary_line(metrics))
+
+
+if __name__ == "__main__":
+    _register()
+    main()

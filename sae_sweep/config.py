@@ -1,0 +1,227 @@
+"""Structured configs: the field comments are the documentation of every key (`--help` lists them).
+
+Hydra composes `conf/config.yaml` with the groups model/, data/ and optimizer/ on top of these
+dataclasses (type errors are caught by OmegaConf); `validate(cfg)` then checks the values against
+each other before any work is done and raises `ConfigError` naming the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from sae_sweep.errors import ConfigError
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+TOPK_FAMILY = ("topk", "batchtopk")
+# Architectures whose loss has a sparsity coefficient (`l1_lambda`): L1 for relu, L0 for jumprelu.
+USES_SPARSITY_COEF = ("relu", "jumprelu")
+DATA_KINDS = ("synthetic", "shards")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "relu"  # architecture: relu | topk | batchtopk | jumprelu
+    k: int | None = None  # topk/batchtopk: latents kept per token (the target L0); unused otherwise
+    aux_k_coef: float = 1 / 32  # topk/batchtopk: weight of the AuxK loss on dead latents (Gao et al.)
+    aux_k: int | None = None  # topk/batchtopk: dead latents used by AuxK; null = d_in / 2
+    aux_dead_tokens: int = 1_000_000  # topk/batchtopk: a latent silent this many tokens feeds AuxK
+    dec_init_norm: float = 0.1  # relu/jumprelu: norm of the initial decoder rows (April-2024 recipe)
+    jump_bandwidth: float = 0.05  # jumprelu: straight-through estimator bandwidth (normalised units)
+    jump_threshold_init: float = 0.1  # jumprelu: initial threshold of every latent
+    threshold_momentum: float = 0.99  # batchtopk: EMA momentum of the inference threshold
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic (built-in ground truth) | shards (a folder of activations)
+    path: str | None = None  # shards: the folder; synthetic: cache root (null = outputs/data)
+    test_fraction: float = 0.01  # share of tokens held out for evaluation (split by seed)
+    scale_factor: float | None = None  # input scale; null = sqrt(d_in) / mean ||x|| estimated
+    scale_tokens: int = 1_000_000  # tokens used to estimate the scale factor (or all, if fewer)
+    buffer_mb: int = 512  # shuffle buffer: RAM for raw activations held at once (bounded streaming)
+    chunk_tokens: int = 4096  # rows read as one unit; the test split is made of whole chunks
+    # synthetic ground truth (ignored for shards)
+    d_in: int = 64  # synthetic: activation width
+    n_features: int = 512  # synthetic: number of true feature directions
+    n_tokens: int = 2_000_000  # synthetic: tokens generated (train + test)
+    true_l0: float = 8.0  # synthetic: mean number of true features firing per token
+    zipf_exponent: float = 0.5  # synthetic: firing probability of feature i ~ 1 / (i + 1) ** exponent
+    correlation: float = 0.3  # synthetic: strength of correlated firing (0 = independent)
+    hierarchy_frac: float = 0.1  # synthetic: share of features that only fire with a parent feature
+    magnitude_mean: float = 1.0  # synthetic: mean magnitude of a firing feature
+    magnitude_std: float = 0.25  # synthetic: spread of magnitudes (kept positive)
+    bias_norm: float = 1.0  # synthetic: norm of the constant offset added to every token
+    noise_std: float = 0.01  # synthetic: per-dimension Gaussian noise
+    data_seed: int = 0  # synthetic: seed of the generated data set (independent of the run seed)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # optimizer (adam)
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    lr_warmup_frac: float = 0.01  # share of steps over which lr rises linearly from 0
+    lr_decay_frac: float = 0.2  # share of final steps over which lr decays linearly to 0
+    l1_warmup_frac: float = 0.05  # share of steps over which l1_lambda rises linearly from 0
+    grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
+
+
+@dataclass
+class TrainConfig:
+    log_every_tokens: int = 100_000  # a row of curves.csv every this many tokens
+    checkpoint_every_s: float = 60.0  # seconds between atomic checkpoint.pt writes
+    dead_window: int = 10_000_000  # a latent silent for this many training tokens is dead
+    eval_tokens: int | None = None  # cap on held-out tokens evaluated (null = the whole split)
+    progress: bool = True  # show a tqdm progress bar
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    l1_lambda: float | None = None  # sparsity coefficient (relu: L1, jumprelu: L0); null = recipe
+    lr: float | None = None  # learning rate; null = the architecture's recipe value
+    batch_size: int = 4096  # tokens per optimizer step
+    hidden_dim: int | None = None  # SAE width (latents); null = 8 * d_in
+    tokens: int | None = None  # training budget in tokens; null = `epochs` (or one epoch)
+    epochs: float | None = None  # training budget in passes over the train split (alt. to tokens)
+    seed: int = 0  # seed of initialisation, data order and the held-out split
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda
+    out_dir: str = MISSING  # run directory (set from hydra.run.dir by the CLI)
+
+
+# Recipe defaults that depend on the architecture (DESIGN.md section 6).
+DEFAULT_L1_LAMBDA = {"relu": 5.0, "jumprelu": 0.1}
+DEFAULT_LR_RELU = 1e-3  # see README: 5e-5 of the April-2024 recipe assumes billions of tokens
+DEFAULT_LR_JUMPRELU = 1e-3
+
+
+def default_lr(arch: str, hidden: int) -> float:
+    """Recipe learning rate: Gao et al.'s 2e-4 / sqrt(hidden / 2^14) for TopK, fixed otherwise."""
+    if arch in TOPK_FAMILY:
+        return 2e-4 / math.sqrt(hidden / 2**14)
+    return DEFAULT_LR_JUMPRELU if arch == "jumprelu" else DEFAULT_LR_RELU
+
+
+def register_configs() -> None:
+    # The schema of the whole tree, groups included: group yaml files only set values on it.
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _positive(key: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, value, "a positive finite number")
+
+
+def _fraction(key: str, value: float, *, upper_open: bool = True) -> None:
+    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        raise ConfigError(key, value, "a fraction in [0, 1)" if upper_open else "a fraction in [0, 1]")
+
+
+def validate(cfg: Config | DictConfig) -> None:
+    """Check every value against what is allowed, before any work; raise ConfigError on the first."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    if m.name not in ARCHITECTURES:
+        raise ConfigError("model", m.name, "one of " + ", ".join(ARCHITECTURES))
+    if d.kind not in DATA_KINDS:
+        raise ConfigError("data", d.kind, "one of " + ", ".join(DATA_KINDS))
+    if cfg.device not in DEVICES:
+        raise ConfigError("device", cfg.device, "one of " + ", ".join(DEVICES))
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda", "auto or cpu: no CUDA device is available here")
+    if o.name != "adam":
+        raise ConfigError("optimizer", o.name, "adam")
+
+    # Sparsity keys must mean something for the chosen architecture.
+    if m.name in TOPK_FAMILY:
+        if cfg.l1_lambda is not None:
+            raise ConfigError(
+                "l1_lambda", cfg.l1_lambda,
+                f"nothing with model={m.name}: its sparsity is set by model.k (drop l1_lambda or use "
+                "model=relu or jumprelu)",
+            )
+        if m.k is None or m.k < 1:
+            raise ConfigError("model.k", m.k, f"a positive integer (latents per token) for model={m.name}")
+    else:
+        if m.k is not None:
+            raise ConfigError("model.k", m.k, f"nothing with model={m.name}: k is used by topk/batchtopk only")
+        if cfg.l1_lambda is not None and (not math.isfinite(cfg.l1_lambda) or cfg.l1_lambda < 0):
+            raise ConfigError("l1_lambda", cfg.l1_lambda, "a finite number >= 0 (0 = no sparsity penalty)")
+
+    if cfg.hidden_dim is not None:
+        if cfg.hidden_dim < 1:
+            raise ConfigError("hidden_dim", cfg.hidden_dim, "a positive integer (number of latents)")
+        if m.k is not None and m.k > cfg.hidden_dim:
+            raise ConfigError("model.k", m.k, f"at most hidden_dim ({cfg.hidden_dim})")
+    _positive("lr", cfg.lr, allow_none=True)
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size", cfg.batch_size, "a positive integer (tokens per step)")
+    if cfg.tokens is not None and cfg.epochs is not None:
+        raise ConfigError("tokens", cfg.tokens, "null when epochs is set: give one training budget")
+    _positive("tokens", cfg.tokens, allow_none=True)
+    _positive("epochs", cfg.epochs, allow_none=True)
+
+    _positive("model.aux_k_coef", m.aux_k_coef) if m.aux_k_coef != 0 else None
+    if m.aux_k is not None and m.aux_k < 1:
+        raise ConfigError("model.aux_k", m.aux_k, "a positive integer or null (= d_in / 2)")
+    _positive("model.aux_dead_tokens", m.aux_dead_tokens)
+    _positive("model.dec_init_norm", m.dec_init_norm)
+    _positive("model.jump_bandwidth", m.jump_bandwidth)
+    _positive("model.jump_threshold_init", m.jump_threshold_init)
+    _fraction("model.threshold_momentum", m.threshold_momentum)
+
+    if d.kind == "shards":
+        if d.path is None:
+            raise ConfigError("data.path", None, "the folder of activation shards (.npy, .pt, .safetensors)")
+        if not Path(d.path).is_dir():
+            raise ConfigError("data.path", d.path, "an existing folder of activation shards")
+    if not 0 < d.test_fraction < 1:
+        raise ConfigError("data.test_fraction", d.test_fraction, "a fraction in (0, 1)")
+    _positive("data.scale_factor", d.scale_factor, allow_none=True)
+    _positive("data.scale_tokens", d.scale_tokens)
+    _positive("data.buffer_mb", d.buffer_mb)
+    _positive("data.chunk_tokens", d.chunk_tokens)
+    if d.kind == "synthetic":
+        for key in ("d_in", "n_features", "n_tokens", "true_l0", "magnitude_mean"):
+            _positive(f"data.{key}", getattr(d, key))
+        if d.true_l0 > d.n_features:
+            raise ConfigError("data.true_l0", d.true_l0, f"at most data.n_features ({d.n_features})")
+        for key in ("zipf_exponent", "magnitude_std", "bias_norm", "noise_std"):
+            if getattr(d, key) < 0:
+                raise ConfigError(f"data.{key}", getattr(d, key), "a number >= 0")
+        _fraction("data.correlation", d.correlation, upper_open=False)
+        _fraction("data.hierarchy_frac", d.hierarchy_frac)
+
+    for key in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac"):
+        _fraction(f"optimizer.{key}", getattr(o, key), upper_open=False)
+    if o.lr_warmup_frac + o.lr_decay_frac > 1:
+        raise ConfigError("optimizer.lr_decay_frac", o.lr_decay_frac, "at most 1 - optimizer.lr_warmup_frac")
+    if o.grad_clip < 0:
+        raise ConfigError("optimizer.grad_clip", o.grad_clip, "a number >= 0 (0 = no clipping)")
+    _fraction("optimizer.beta1", o.beta1)
+    _fraction("optimizer.beta2", o.beta2)
+    _positive("optimizer.eps", o.eps)
+    _positive("train.log_every_tokens", t.log_every_tokens)
+    _positive("train.checkpoint_every_s", t.checkpoint_every_s)
+    _positive("train.dead_window", t.dead_window)
+    _positive("train.eval_tokens", t.eval_tokens, allow_none=True)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,118 @@
+"""The small interface every SAE architecture implements, and the plain saved form they share.
+
+Shapes: B tokens, D = d_in, H = hidden latents. Training happens on normalised inputs
+(x_norm = scale_factor * x_raw); `plain_tensors(scale)` folds the scale (and a pre-encoder bias, if
+the architecture uses one) into weights that apply to raw activations:
+
+    pre = x_raw @ W_enc + b_enc;  f = activation(pre);  x_hat_raw = f @ W_dec + b_dec
+
+The latents f are identical in both forms, so thresholds and k carry over unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor  # [B, D] reconstruction
+    f: Tensor  # [B, H] latents used for the reconstruction
+    mse: Tensor  # scalar: mean_t ||x - x_hat||^2
+    sparsity: Tensor  # scalar penalty the trainer multiplies by l1_lambda (0 for the TopK family)
+    aux: Tensor  # scalar auxiliary loss, already weighted (AuxK); 0 where unused
+
+
+def mse_per_token(x: Tensor, x_hat: Tensor) -> Tensor:
+    """||x - x_hat||^2 summed over dims, averaged over tokens (DESIGN section 5)."""
+    return (x - x_hat).float().pow(2).sum(-1).mean()
+
+
+class SAE(nn.Module):
+    """Base: tied initialisation, linear decode, folding into the plain form, and no-op hooks."""
+
+    architecture: ClassVar[str]
+    # Architectures that subtract b_dec before encoding (Gao et al.) set this; folded away at save time.
+    subtract_b_dec_default: ClassVar[bool] = False
+
+    def __init__(self, d_in: int, hidden: int, dec_init_norm: float, generator: torch.Generator | None):
+        super().__init__()
+        self.d_in, self.hidden = d_in, hidden
+        W_dec_HD = torch.randn(hidden, d_in, generator=generator)
+        W_dec_HD *= dec_init_norm / W_dec_HD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_HD)
+        self.W_enc = nn.Parameter(W_dec_HD.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(hidden))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.subtract_b_dec = self.subtract_b_dec_default
+
+    # --- the interface -------------------------------------------------------------------------
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        if self.subtract_b_dec:
+            x_BD = x_BD - self.b_dec
+        return x_BD @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Inference latents (what a saved SAE computes)."""
+        raise NotImplementedError
+
+    def decode(self, f_BH: Tensor) -> Tensor:
+        return f_BH @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        """Training forward pass with its loss terms."""
+        raise NotImplementedError
+
+    def dec_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=1)
+
+    def init_from_data(self, x_sample_BD: Tensor) -> None:
+        """Data-dependent initialisation (normalised sample); default none."""
+
+    def before_optimizer_step(self) -> None:
+        """Called after backward and gradient clipping, before the optimizer step."""
+
+    def after_optimizer_step(self, fired_H: Tensor, n_tokens: int) -> None:
+        """Called after each optimizer step with which latents fired in the batch."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Architecture settings saved as metadata (k, ...)."""
+        return {}
+
+    # --- saving --------------------------------------------------------------------------------
+    def plain_tensors(self, scale_factor: float) -> dict[str, Tensor]:
+        """Weights that apply to raw activations: scale and pre-encoder bias folded in."""
+        W_enc, b_enc = self.W_enc.detach().float(), self.b_enc.detach().float()
+        W_dec, b_dec = self.W_dec.detach().float(), self.b_dec.detach().float()
+        if self.subtract_b_dec:
+            b_enc = b_enc - b_dec @ W_enc
+        tensors = {
+            "W_enc": (W_enc * scale_factor).contiguous(),
+            "b_enc": b_enc.contiguous(),
+            "W_dec": (W_dec / scale_factor).contiguous(),
+            "b_dec": (b_dec / scale_factor).contiguous(),
+        }
+        threshold = self.inference_threshold()
+        if threshold is not None:
+            tensors["threshold"] = threshold.detach().float().contiguous()
+        return tensors
+
+    def inference_threshold(self) -> Tensor | None:
+        """[H] threshold for architectures whose inference is `pre where pre > threshold`."""
+        return None
+
+    def load_plain(self, tensors: dict[str, Tensor]) -> None:
+        """Load the plain form (no pre-encoder bias, scale already folded)."""
+        self.subtract_b_dec = False
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(self, name).copy_(tensors[name])
+            if "threshold" in tensors:
+                self.set_inference_threshold(tensors["threshold"])
+
+    def set_inference_threshold(self, threshold_H: Tensor) -> None:
+        raise ValueError(f"{self.architecture} has no inference threshold")

@@ -1,0 +1,54 @@
+"""BatchTopK SAE (Bussmann et al. 2024): TopK over the whole batch during training.
+
+The batch keeps its batch_size * k largest ReLU pre-activations, so tokens may use more or fewer
+than k latents while the mean stays k. Inference cannot see a batch, so a running threshold (EMA of
+the smallest kept activation) replaces it: f = pre where pre > threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae_sweep.models.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+
+    def __init__(self, *args, threshold_momentum: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threshold_momentum = threshold_momentum
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_initialised", torch.zeros((), dtype=torch.bool))
+
+    def select(self, pre_BH: Tensor) -> Tensor:
+        relu_flat = torch.relu(pre_BH).flatten()
+        n_keep = min(self.k * pre_BH.shape[0], relu_flat.numel())
+        values, indices = relu_flat.topk(n_keep, sorted=False)
+        f_BH = torch.zeros_like(relu_flat).scatter_(0, indices, values).view_as(pre_BH)
+        if self.training:
+            self._update_threshold(values)
+        return f_BH
+
+    @torch.no_grad()
+    def _update_threshold(self, kept_values: Tensor) -> None:
+        positive = kept_values.detach().float()
+        smallest = torch.where(positive > 0, positive, torch.full_like(positive, torch.inf)).min()
+        smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
+        m = self.threshold_momentum
+        blended = torch.where(self.threshold_initialised, m * self.threshold + (1 - m) * smallest, smallest)
+        self.threshold.copy_(blended)
+        self.threshold_initialised.fill_(True)
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        pre_BH = self.pre_acts(x_BD)
+        return torch.where(pre_BH > self.threshold.clamp_min(0), pre_BH, torch.zeros_like(pre_BH))
+
+    def inference_threshold(self) -> Tensor:
+        return self.threshold.clamp_min(0).expand(self.hidden)
+
+    def set_inference_threshold(self, threshold_H: Tensor) -> None:
+        # Saved as [H] for a uniform file format; BatchTopK's threshold is one number.
+        self.threshold.copy_(threshold_H.max())
+        self.threshold_initialised.fill_(True)

@@ -1,0 +1,414 @@
+"""train(cfg): one SAE from config to a finished run directory (DESIGN section 4).
+
+The single-run CLI and every sweep trial call this same function. Steps: validate -> open data ->
+scale factor -> build model -> (resume from checkpoint.pt) -> train loop -> held-out evaluation ->
+write sae.safetensors, metrics.json, curves.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, default_lr, validate
+from sae_sweep.config import DEFAULT_L1_LAMBDA
+from sae_sweep.data import open_dataset
+from sae_sweep.errors import ConfigError, SaeSweepError
+from sae_sweep.metrics import DeadLatentTracker, EvalAccumulator, F1Accumulator, density_histogram, match_features
+from sae_sweep.models import SAE, build_sae, save_sae
+from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
+from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
+
+log = logging.getLogger("sae_sweep")
+
+# Settings that may change between the interrupted and the resuming command.
+_RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress")
+INIT_SAMPLE_TOKENS = 65_536
+
+
+class TrainingDiverged(SaeSweepError):
+    """The loss became NaN/inf; the run stops with status 'diverged' and writes no SAE."""
+
+
+@dataclass
+class RunState:
+    """What the loop carries and checkpoints besides model and optimizer."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    train_seconds: float = 0.0
+    curves: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _as_dictconfig(cfg: Config | DictConfig) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        return cfg
+    return OmegaConf.structured(cfg)
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config minus keys that may differ when resuming."""
+    out = json.loads(json.dumps(cfg_dict))
+    for dotted in _RESUME_IGNORED_KEYS:
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+def _check_same_run(run_dir: Path, cfg_dict: dict[str, Any]) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    if _comparable(saved) != _comparable(cfg_dict):  # type: ignore[arg-type]
+        diff = _first_difference(_comparable(saved), _comparable(cfg_dict))  # type: ignore[arg-type]
+        raise ConfigError(
+            "hydra.run.dir", str(run_dir),
+            f"a directory without a different run in it: it holds a run whose {diff} — use another run "
+            "directory, or delete that one to start over",
+        )
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')} was {a!r}, now {b!r}"
+
+
+class Trainer:
+    """One training run. `train(cfg)` is the public entry point."""
+
+    def __init__(self, cfg: Config | DictConfig):
+        self.cfg = _as_dictconfig(cfg)
+        validate(self.cfg)
+        self.run_dir = Path(self.cfg.out_dir)
+        self.device = resolve_device(self.cfg.device)
+        self.cfg_dict: dict[str, Any] = OmegaConf.to_container(self.cfg, resolve=True)  # type: ignore[assignment]
+
+    # --- set-up -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.data = open_dataset(cfg.data, cfg.seed, progress=cfg.train.progress)
+        d_in = self.data.d_in
+        self.hidden = cfg.hidden_dim or 8 * d_in
+        arch = cfg.model.name
+        if arch in TOPK_FAMILY and cfg.model.k > self.hidden:
+            raise ConfigError("model.k", cfg.model.k, f"at most hidden_dim ({self.hidden})")
+        if cfg.batch_size > self.data.n_train_tokens:
+            raise ConfigError(
+                "batch_size", cfg.batch_size, f"at most the {self.data.n_train_tokens} tokens of the train split"
+            )
+        self.l1_lambda = 0.0
+        if arch in USES_SPARSITY_COEF:
+            self.l1_lambda = cfg.l1_lambda if cfg.l1_lambda is not None else DEFAULT_L1_LAMBDA[arch]
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(arch, self.hidden)
+        if cfg.tokens is not None:
+            budget = cfg.tokens
+        else:
+            budget = math.ceil((cfg.epochs or 1.0) * self.data.n_train_tokens)
+        self.total_steps = max(1, math.ceil(budget / cfg.batch_size))
+
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.sae: SAE = build_sae(cfg.model, d_in, self.hidden, generator)
+        self.dead = DeadLatentTracker(self.hidden, cfg.train.dead_window, self.device)
+        self.state = RunState()
+        self.resumed_from_tokens = 0
+
+        checkpoint = read_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            self._fresh_start(d_in)
+        self.sae.to(self.device)
+        self.optimizer = self._make_optimizer()
+        if checkpoint is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.use_bf16 = self.device.type == "cuda"
+
+    def _fresh_start(self, d_in: int) -> None:
+        cfg = self.cfg
+        if cfg.data.scale_factor is not None:
+            self.scale_factor = float(cfg.data.scale_factor)
+            _, self.raw_mean_norm = self.data.estimate_scale(min(cfg.data.scale_tokens, INIT_SAMPLE_TOKENS))
+        else:
+            log.info("estimating the scale factor on up to %d tokens", cfg.data.scale_tokens)
+            self.scale_factor, self.raw_mean_norm = self.data.estimate_scale(cfg.data.scale_tokens)
+        log.info("raw mean norm %.4g, scale factor %.4g (E||x|| = sqrt(%d))", self.raw_mean_norm,
+                 self.scale_factor, d_in)
+        sample = self.data.sample(min(INIT_SAMPLE_TOKENS, self.data.n_train_tokens)) * self.scale_factor
+        self.sae.init_from_data(sample)
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        if _comparable(checkpoint["config"]) != _comparable(self.cfg_dict):
+            diff = _first_difference(_comparable(checkpoint["config"]), _comparable(self.cfg_dict))
+            raise ConfigError(
+                "hydra.run.dir", str(self.run_dir),
+                f"the same config as its checkpoint.pt to resume, but {diff}; use another run directory",
+            )
+        self.sae.load_state_dict(checkpoint["model"])
+        self.dead.load_state_dict(checkpoint["dead"])
+        self.state = RunState(**checkpoint["state"])
+        self.scale_factor = checkpoint["scale_factor"]
+        self.raw_mean_norm = checkpoint["raw_mean_norm"]
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if torch.cuda.is_available() and checkpoint.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        self.resumed_from_tokens = self.state.tokens_seen
+        log.info("resuming from checkpoint at %d tokens (step %d)", self.state.tokens_seen, self.state.step)
+
+    def _make_optimizer(self) -> torch.optim.Adam:
+        o = self.cfg.optimizer
+        fused = self.device.type == "cuda"
+        return torch.optim.Adam(
+            self.sae.parameters(), lr=self.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused
+        )
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        write_checkpoint(self.run_dir, {
+            "config": self.cfg_dict,
+            "model": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "dead": self.dead.state_dict(),
+            "state": self.state.__dict__,
+            "scale_factor": self.scale_factor,
+            "raw_mean_norm": self.raw_mean_norm,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        })
+
+    def _train_step(self, x_BD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        o = self.cfg.optimizer
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_multiplier(step, self.total_steps, o.lr_warmup_frac, o.lr_decay_frac)
+        coef = sparsity_coefficient(step, self.total_steps, self.l1_lambda, o.l1_warmup_frac)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+        with autocast:
+            out = self.sae(x_BD)
+        loss = out.mse + coef * out.sparsity + out.aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.before_optimizer_step()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), o.grad_clip, foreach=True)
+        self.optimizer.step()
+        fired_H = (out.f > 0).any(0)
+        self.sae.after_optimizer_step(fired_H, x_BD.shape[0])
+        self.dead.update(fired_H, x_BD.shape[0])
+        l0 = (out.f > 0).sum(-1).float().mean()
+        return loss.detach(), out.mse.detach(), l0.detach()
+
+    def run_loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        batch_size = cfg.batch_size
+        log_every_steps = max(1, round(cfg.train.log_every_tokens / batch_size))
+        batches = self.data.train_batches(batch_size, st.epoch, st.batch_in_epoch)
+        sums = torch.zeros(3, device=self.device)  # loss, mse, l0 since the last log row
+        n_in_sums = 0
+        last_checkpoint = time.monotonic()
+        bar = tqdm(
+            total=self.total_steps, initial=st.step, disable=not cfg.train.progress, unit="step",
+            desc=f"{cfg.model.name} h={self.hidden}", dynamic_ncols=True,
+        )
+        try:
+            while st.step < self.total_steps:
+                t0 = time.perf_counter()
+                epoch, batch_in_epoch, x_raw = next(batches)
+                x = x_raw.to(self.device, non_blocking=True) * self.scale_factor
+                loss, mse, l0 = self._train_step(x, st.step)
+                sums += torch.stack((loss, mse, l0))
+                n_in_sums += 1
+                st.step += 1
+                st.tokens_seen += batch_size
+                st.epoch, st.batch_in_epoch = epoch, batch_in_epoch + 1
+                if self.device.type == "cuda" and (st.step % log_every_steps == 0 or st.step == self.total_steps):
+                    torch.cuda.synchronize()
+                st.train_seconds += time.perf_counter() - t0
+                bar.update(1)
+                if st.step % log_every_steps == 0 or st.step == self.total_steps:
+                    means = (sums / n_in_sums).tolist()  # the only host sync, once per log row
+                    sums.zero_()
+                    n_in_sums = 0
+                    if not all(math.isfinite(v) for v in means):
+                        raise TrainingDiverged(
+                            f"loss became {means[0]} between steps {st.step - log_every_steps} and {st.step} "
+                            f"(lr={self.lr:g}, l1_lambda={self.l1_lambda:g}); lower lr or l1_lambda"
+                        )
+                    self._log_row(means)
+                    bar.set_postfix(mse=f"{means[1]:.4g}", l0=f"{means[2]:.1f}",
+                                    dead=f"{self.dead.dead_frac():.1%}")
+                    if time.monotonic() - last_checkpoint >= cfg.train.checkpoint_every_s:
+                        self._checkpoint()
+                        last_checkpoint = time.monotonic()
+        except KeyboardInterrupt:
+            if math.isfinite(float(sums.sum())):
+                self._checkpoint()
+                log.warning("interrupted at %d tokens; checkpoint written, re-run the same command to resume",
+                            st.tokens_seen)
+            raise
+        finally:
+            bar.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def _log_row(self, means: list[float]) -> None:
+        st = self.state
+        o = self.cfg.optimizer
+        st.curves.append({
+            "tokens": st.tokens_seen,
+            "step": st.step,
+            "lr": self.lr * lr_multiplier(st.step - 1, self.total_steps, o.lr_warmup_frac, o.lr_decay_frac),
+            "l1_lambda": sparsity_coefficient(st.step - 1, self.total_steps, self.l1_lambda, o.l1_warmup_frac),
+            "loss": means[0],
+            "mse": means[1],
+            "l0": means[2],
+            "dead_frac": self.dead.dead_frac(),
+            "tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds > 0 else float("nan"),
+        })
+
+    # --- evaluation and outputs ---------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        self.sae.eval()
+        acc = EvalAccumulator(self.hidden, self.device)
+        truth = self.data.ground_truth
+        f1_acc = None
+        metrics: dict[str, Any] = {}
+        if truth is not None:
+            true_idx, latent_idx, abs_cos = match_features(truth.features, self.sae.W_dec.detach().float().cpu())
+            metrics["mcc"] = float(abs_cos.mean())
+            f1_acc = F1Accumulator(true_idx.to(self.device), latent_idx.to(self.device))
+        dec_norms = self.sae.dec_norms().float()
+        batches = self.data.test_batches(self.cfg.batch_size, self.cfg.train.eval_tokens, with_truth=truth is not None)
+        for item in batches:
+            x_raw, active = item if truth is not None else (item, None)
+            x = x_raw.to(self.device) * self.scale_factor
+            f = self.sae.encode(x)
+            x_hat = self.sae.decode(f)
+            acc.update(x, x_hat, f, dec_norms)
+            if f1_acc is not None:
+                f1_acc.update(f, active.to(self.device))
+        metrics.update(acc.compute())
+        if f1_acc is not None:
+            f1 = f1_acc.compute()
+            metrics["f1"] = float(f1["f1_mean"])
+        sparsity = metrics["l0"] if self.cfg.model.name == "jumprelu" else metrics["l1"]
+        metrics["loss"] = metrics["mse"] + self.l1_lambda * sparsity
+        self.density = acc.density().cpu()
+        self.sae.train()
+        return metrics
+
+    def final_metrics(self, eval_metrics: dict[str, Any]) -> dict[str, Any]:
+        st = self.state
+        dead_frac = self.dead.dead_frac()
+        metrics = dict(eval_metrics)
+        metrics.update({
+            "dead_frac": dead_frac,
+            "alive_frac": 1.0 - dead_frac,
+            "dead_window_tokens": self.dead.window_used(),
+            "tokens": st.tokens_seen,
+            "steps": st.step,
+            "tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds > 0 else float("nan"),
+            "train_seconds": st.train_seconds,
+            "resumed_from_tokens": self.resumed_from_tokens,
+            "architecture": self.cfg.model.name,
+            "d_in": self.data.d_in,
+            "hidden_dim": self.hidden,
+            "l1_lambda": self.l1_lambda if self.cfg.model.name in USES_SPARSITY_COEF else None,
+            "k": self.cfg.model.k,
+            "lr": self.lr,
+            "batch_size": self.cfg.batch_size,
+            "scale_factor": self.scale_factor,
+            "raw_mean_norm": self.raw_mean_norm,
+            "status": "completed",
+        })
+        return metrics
+
+    def write_outputs(self, metrics: dict[str, Any]) -> None:
+        save_sae(self.sae, self.run_dir / "sae.safetensors", self.scale_factor, self.raw_mean_norm)
+        write_curves(self.run_dir / "curves.csv", self.state.curves)
+        hist = density_histogram(self.density)
+        _write_json(self.run_dir / "density.json", {"density": self.density.tolist(), "histogram": hist})
+        _write_json(self.run_dir / "metrics.json", metrics)
+
+
+def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
+    if not rows:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    parts = [f"{metrics.get('status', '?')}:"]
+    for key in ("mse", "explained_variance", "l0", "dead_frac", "mcc"):
+        if metrics.get(key) is not None:
+            parts.append(f"{key}={metrics[key]:.4g}")
+    return " ".join(parts)
+
+
+def train(cfg: Config | DictConfig) -> dict[str, Any]:
+    """Train one SAE into cfg.out_dir and return its metrics (also written to metrics.json).
+
+    Re-running with the same config in the same directory resumes from checkpoint.pt, or returns
+    the finished run's metrics without training again.
+    """
+    trainer = Trainer(cfg)
+    run_dir = trainer.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(run_dir, trainer.cfg_dict)
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file() and not (run_dir / "checkpoint.pt").is_file():
+        finished = json.loads(metrics_path.read_text())
+        if finished.get("status") == "completed":
+            log.info("run in %s already finished; nothing to do", run_dir)
+            return finished
+    OmegaConf.save(trainer.cfg, run_dir / "config.yaml", resolve=True)
+    trainer.setup()
+    try:
+        trainer.run_loop()
+    except TrainingDiverged as err:
+        metrics = {"status": "diverged", "reason": str(err), "tokens": trainer.state.tokens_seen}
+        _write_json(metrics_path, metrics)
+        write_curves(run_dir / "curves.csv", trainer.state.curves)
+        remove_checkpoint(run_dir)
+        raise
+    metrics = trainer.final_metrics(trainer.evaluate())
+    trainer.write_outputs(metrics)
+    remove_checkpoint(run_dir)
+    return metrics

@@ -1,0 +1,36 @@
+"""Shared fixtures: a small ground-truth data set generated once per test session."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from sae_sweep.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+
+# Small enough for seconds per training on 2 cores, large enough to need real superposition.
+SMALL_DATA = dict(d_in=16, n_features=48, n_tokens=120_000, true_l0=3.0, chunk_tokens=1024)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture
+def make_cfg(data_root, tmp_path):
+    """A validated-shape Config (as Hydra would compose it) for a small synthetic run in tmp_path/run."""
+
+    def _make(model: str = "relu", k: int | None = None, data: dict | None = None, **top):
+        data_kw = {**SMALL_DATA, "path": str(data_root), **(data or {})}
+        train_kw = dict(progress=False, log_every_tokens=8192, dead_window=100_000)
+        train_kw.update(top.pop("train", {}))
+        base = dict(batch_size=512, hidden_dim=64, tokens=400_000, seed=0, device="cpu",
+                    out_dir=str(tmp_path / "run"))
+        base.update(top)
+        cfg = Config(
+            model=ModelConfig(name=model, k=k), data=DataConfig(**data_kw), optimizer=OptimizerConfig(),
+            train=TrainConfig(**train_kw), **base,
+        )
+        return OmegaConf.structured(cfg)
+
+    return _make

@@ -1,0 +1,107 @@
+"""Config surface: Hydra composition, shorthands, and one clear line for every bad value."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from sae_sweep.config import Config, DataConfig, ModelConfig, validate
+from sae_sweep.errors import ConfigError
+
+
+def cli(args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "sae_sweep", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def compose_cfg(overrides):
+    from sae_sweep.__main__ import _register
+
+    _register()
+    with initialize_config_module(config_module="sae_sweep.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    cfg.out_dir = "unused"
+    return cfg
+
+
+def test_defaults_compose_to_relu_on_synthetic():
+    cfg = compose_cfg([])
+    assert cfg.model.name == "relu" and cfg.data.kind == "synthetic" and cfg.optimizer.name == "adam"
+    validate(cfg)
+
+
+def test_shorthands_and_groups_override():
+    cfg = compose_cfg(["model=topk", "model.k=8", "lr=1e-3", "batch_size=512", "hidden_dim=256", "tokens=1000"])
+    assert (cfg.model.name, cfg.model.k, cfg.lr, cfg.batch_size, cfg.hidden_dim, cfg.tokens) == (
+        "topk", 8, 1e-3, 512, 256, 1000)
+    validate(cfg)
+
+
+def test_l1_lambda_zero_is_legal():
+    validate(compose_cfg(["l1_lambda=0"]))
+
+
+@pytest.mark.parametrize(
+    "overrides,key,fragment",
+    [
+        (["lr=-1e-3"], "lr", "positive"),
+        (["lr=0"], "lr", "positive"),
+        (["l1_lambda=-1"], "l1_lambda", ">= 0"),
+        (["model=topk", "l1_lambda=5"], "l1_lambda", "model.k"),
+        (["model=batchtopk", "l1_lambda=0"], "l1_lambda", "model.k"),
+        (["model=topk", "model.k=64", "hidden_dim=32"], "model.k", "at most hidden_dim"),
+        (["model=topk", "model.k=0"], "model.k", "positive"),
+        (["model.k=4"], "model.k", "topk/batchtopk only"),
+        (["data=shards"], "data.path", "folder"),
+        (["data=shards", "data.path=/no/such/dir"], "data.path", "existing folder"),
+        (["batch_size=0"], "batch_size", "positive"),
+        (["tokens=100", "epochs=1"], "tokens", "one training budget"),
+        (["device=tpu"], "device", "auto, cpu, cuda"),
+        (["data.test_fraction=1.5"], "data.test_fraction", "(0, 1)"),
+        (["optimizer.lr_warmup_frac=0.9", "optimizer.lr_decay_frac=0.5"], "optimizer.lr_decay_frac", "at most"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(overrides))
+    msg = str(info.value)
+    assert f"'{key}'" in msg and fragment in msg
+    assert "\n" not in msg
+
+
+def test_structured_dataclass_validates_too():
+    cfg = OmegaConf.structured(Config(model=ModelConfig(name="relu"), data=DataConfig(), out_dir="x"))
+    validate(cfg)
+    cfg.model.name = "gated"
+    with pytest.raises(ConfigError, match="one of relu, topk, batchtopk, jumprelu"):
+        validate(cfg)
+
+
+def test_cli_bad_value_is_one_line_no_traceback(tmp_path):
+    res = cli(["model=topk", "l1_lambda=5"], tmp_path)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "l1_lambda" in lines[0] and "5" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_cli_missing_data_path_names_the_folder(tmp_path):
+    res = cli(["data=shards", f"data.path={tmp_path / 'nope'}"], tmp_path)
+    assert res.returncode == 2
+    assert "data.path" in res.stderr and "nope" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_unknown_model_lists_choices(tmp_path):
+    res = cli(["model=gated"], tmp_path)
+    assert res.returncode != 0
+    assert "relu" in res.stderr and "topk" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_cfg_job_and_help(tmp_path):
+    res = cli(["--cfg", "job", "l1_lambda=3"], tmp_path)
+    assert res.returncode == 0 and "l1_lambda: 3" in res.stdout
+    res = cli(["--help"], tmp_path)
+    assert res.returncode == 0 and "model: batchtopk, jumprelu, relu, topk" in res.stdout

@@ -1,0 +1,148 @@
+"""Each architecture behind the SAE interface: recipe initialisation, loss conventions, folding, loading."""
+
+import math
+
+import pytest
+import torch
+
+from sae_sweep.config import ModelConfig
+from sae_sweep.models import build_sae, load_sae, save_sae
+from sae_sweep.models.topk import topk_relu
+
+ARCHS = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None)]
+
+
+def make(name, k, d_in=16, hidden=64, seed=0):
+    return build_sae(ModelConfig(name=name, k=k), d_in, hidden, torch.Generator().manual_seed(seed))
+
+
+def test_relu_recipe_initialisation():
+    sae = make("relu", None)
+    assert torch.allclose(sae.dec_norms(), torch.full((64,), 0.1), atol=1e-6)
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert sae.b_enc.abs().sum() == 0 and sae.b_dec.abs().sum() == 0
+
+
+def test_relu_penalty_is_decoder_norm_weighted_l1_mean_over_tokens():
+    sae = make("relu", None)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(1, 3, 64)[:, None])
+    x = torch.randn(10, 16)
+    out = sae(x)
+    f = torch.relu(x @ sae.W_enc + sae.b_enc)
+    expected_l1 = sum(float((f[t] * sae.W_dec.norm(dim=1)).sum()) for t in range(10)) / 10
+    assert out.sparsity.item() == pytest.approx(expected_l1, rel=1e-5)
+    expected_mse = sum(float(((x[t] - out.x_hat[t]) ** 2).sum()) for t in range(10)) / 10
+    assert out.mse.item() == pytest.approx(expected_mse, rel=1e-5)
+
+
+@pytest.mark.parametrize("name,k", [("topk", 4), ("batchtopk", 4)])
+def test_topk_family_unit_decoder_and_sparsity(name, k):
+    sae = make(name, k)
+    assert torch.allclose(sae.dec_norms(), torch.ones(64), atol=1e-5)
+    x = torch.randn(32, 16)
+    out = sae(x)
+    l0 = (out.f > 0).sum(-1).float()
+    if name == "topk":
+        assert (l0 <= k).all()
+    else:  # batch-wide budget: k per token on average
+        assert l0.sum() <= k * 32
+    # the step keeps decoder rows unit norm, and the projected gradient has no radial part
+    (out.mse + out.aux).backward()
+    sae.before_optimizer_step()
+    radial = (sae.W_dec.grad * sae.W_dec).sum(-1)
+    assert radial.abs().max() < 1e-5
+    with torch.no_grad():
+        sae.W_dec.add_(0.3 * torch.randn_like(sae.W_dec))
+    sae.after_optimizer_step((out.f > 0).any(0), 32)
+    assert torch.allclose(sae.dec_norms(), torch.ones(64), atol=1e-5)
+
+
+def test_topk_relu_keeps_k_largest():
+    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5], [-2.0, -1.0, -3.0, 4.0]])
+    assert torch.equal(topk_relu(pre, 2), torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 4.0]]))
+
+
+def test_auxk_reaches_the_encoder_of_dead_latents():
+    sae = make("topk", 2)
+    sae.tokens_since_fired.fill_(sae.aux_dead_tokens)  # every latent counts as dead
+    out = sae(torch.randn(64, 16) * 3)
+    assert out.aux.item() > 0
+    out.aux.backward()
+    assert sae.W_enc.grad.abs().sum() > 0
+
+
+def test_auxk_is_zero_without_dead_latents():
+    sae = make("topk", 2)
+    out = sae(torch.randn(64, 16))
+    assert out.aux.item() == 0
+
+
+def test_batchtopk_threshold_tracks_kept_activations():
+    sae = make("batchtopk", 4)
+    x = torch.randn(256, 16) * 2
+    for _ in range(5):
+        out = sae(x)
+    kept_min = out.f[out.f > 0].min()
+    assert float(sae.threshold) == pytest.approx(float(kept_min), rel=1e-4)
+    sae.eval()
+    # inference with the threshold gives about the training sparsity
+    l0 = (sae.encode(x) > 0).sum(-1).float().mean().item()
+    assert 2 <= l0 <= 8
+
+
+def test_jumprelu_threshold_learns_from_l0_penalty():
+    sae = make("jumprelu", None)
+    x = torch.randn(512, 16) * 2
+    out = sae(x)
+    out.sparsity.backward()
+    # penalising L0 pushes thresholds up (negative gradient) where pre-activations sit near them
+    assert (sae.log_threshold.grad <= 0).all() and (sae.log_threshold.grad < 0).any()
+    assert out.sparsity.item() == pytest.approx(float((out.f != 0).sum(-1).float().mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("name,k", ARCHS)
+def test_saved_plain_form_reproduces_normalised_reconstruction_on_raw_data(tmp_path, name, k):
+    sae = make(name, k)
+    with torch.no_grad():  # non-trivial biases so the folding is really exercised
+        sae.b_dec.copy_(torch.randn(16) * 0.3)
+        sae.b_enc.copy_(torch.randn(64) * 0.1)
+    if name == "batchtopk":
+        sae(torch.randn(128, 16) * 4)  # sets the inference threshold
+    sae.eval()
+    scale = 7.5
+    x_raw = torch.randn(20, 16) * 0.5 + 0.2
+    with torch.no_grad():
+        f_norm = sae.encode(x_raw * scale)
+        x_hat_raw_expected = sae.decode(f_norm) / scale
+    save_sae(sae, tmp_path / "sae.safetensors", scale_factor=scale, raw_mean_norm=math.sqrt(16) / scale)
+    loaded = load_sae(tmp_path)
+    assert loaded.architecture == name
+    with torch.no_grad():
+        f_loaded = loaded.encode(x_raw)
+        assert torch.allclose(f_loaded, f_norm, atol=1e-4)
+        assert torch.allclose(loaded.decode(f_loaded), x_hat_raw_expected, atol=1e-4)
+    # and the documented plain formula, with nothing but the saved tensors
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "sae.safetensors"))
+    pre = x_raw @ t["W_enc"] + t["b_enc"]
+    if name == "relu":
+        f = torch.relu(pre)
+    elif name == "topk":
+        f = topk_relu(pre, k)
+    else:
+        f = torch.where(pre > t["threshold"], pre, torch.zeros_like(pre))
+    assert torch.allclose(f @ t["W_dec"] + t["b_dec"], x_hat_raw_expected, atol=1e-4)
+
+
+def test_load_sae_refuses_a_foreign_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from sae_sweep.errors import DataError
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "sae.safetensors"))
+    with pytest.raises(DataError, match="architecture"):
+        load_sae(tmp_path)
+    with pytest.raises(DataError, match="no such SAE file"):
+        load_sae(tmp_path / "missing")

@@ -1,0 +1,176 @@
+"""train(cfg): the run directory contract, learning the ground truth, resume, divergence."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sae_sweep.data import open_dataset
+from sae_sweep.errors import ConfigError
+from sae_sweep.metrics import mcc
+from sae_sweep.models import load_sae
+from sae_sweep.train import train
+from sae_sweep.train.trainer import Trainer, TrainingDiverged
+
+SECTION5_METRICS = [
+    "mse", "fvu", "explained_variance", "l0", "l1", "loss", "dead_frac", "alive_frac", "dense_frac",
+    "dead_window_tokens", "pct_active_batch", "cos_sim", "l2_ratio", "tokens_per_s", "mcc", "f1",
+]
+
+
+def test_run_directory_contract(make_cfg):
+    cfg = make_cfg(tokens=100_000)
+    metrics = train(cfg)
+    run = Path(cfg.out_dir)
+    assert {"config.yaml", "metrics.json", "curves.csv", "sae.safetensors"} <= {p.name for p in run.iterdir()}
+    assert not (run / "checkpoint.pt").exists()
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in SECTION5_METRICS:
+        assert key in saved, key
+    assert saved["status"] == "completed" and saved["resumed_from_tokens"] == 0
+    assert saved["explained_variance"] == pytest.approx(1 - saved["fvu"])
+    with open(run / "curves.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][0] == "tokens" and len(rows) > 5
+    tokens = [int(r[0]) for r in rows[1:]]
+    assert tokens == sorted(tokens) and tokens[-1] == saved["tokens"]
+    with safe_open(str(run / "sae.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+        shapes = {k: tuple(fh.get_tensor(k).shape) for k in fh.keys()}
+    assert shapes == {"W_enc": (16, 64), "b_enc": (64,), "W_dec": (64, 16), "b_dec": (16,)}
+    assert meta["architecture"] == "relu" and float(meta["scale_factor"]) == pytest.approx(saved["scale_factor"])
+    assert float(meta["raw_mean_norm"]) * saved["scale_factor"] == pytest.approx(16**0.5, rel=0.05)
+
+
+def test_saved_sae_applies_to_raw_activations(make_cfg):
+    cfg = make_cfg(tokens=100_000)
+    metrics = train(cfg)
+    sae = load_sae(cfg.out_dir)
+    data = open_dataset(cfg.data, cfg.seed, progress=False)
+    x_raw = next(iter(data.test_batches(2048)))
+    with torch.no_grad():
+        x_hat = sae.decode(sae.encode(x_raw))
+    centred = (x_raw - x_raw.mean(0)).pow(2).sum()
+    ev_raw = 1 - float((x_raw - x_hat).pow(2).sum() / centred)
+    assert ev_raw == pytest.approx(metrics["explained_variance"], abs=0.05)
+
+
+@pytest.mark.parametrize("model,k", [("relu", None), ("topk", 3), ("batchtopk", 3), ("jumprelu", None)])
+def test_each_architecture_learns_the_ground_truth(make_cfg, model, k):
+    metrics = train(make_cfg(model=model, k=k))
+    truth = open_dataset(make_cfg().data, 0, progress=False).ground_truth
+    random_mcc = mcc(truth.features, torch.randn(64, 16))
+    assert metrics["mcc"] > random_mcc + 0.3, (metrics["mcc"], random_mcc)
+    assert metrics["explained_variance"] > 0.7
+    assert metrics["dead_frac"] < 0.5
+
+
+@pytest.mark.parametrize("l1_lambda", [1.0, 10.0])
+def test_relu_recipe_does_not_collapse_at_the_users_settings(make_cfg, l1_lambda):
+    # the notes' setting: lr 1e-3 and big batches killed every latent within an epoch
+    metrics = train(make_cfg(l1_lambda=l1_lambda, lr=1e-3, batch_size=4096, tokens=600_000))
+    assert metrics["alive_frac"] > 0.5
+    assert metrics["explained_variance"] > 0.5
+    assert 0 < metrics["l0"] < 64
+
+
+def test_l1_lambda_zero_is_a_dense_baseline(make_cfg):
+    dense = train(make_cfg(l1_lambda=0.0, tokens=100_000))
+    assert dense["l0"] > 10 and dense["explained_variance"] > 0.9
+
+
+def _stop_after(monkeypatch, n_steps):
+    real = Trainer._train_step
+    calls = {"n": 0}
+
+    def step(self, x, s):
+        calls["n"] += 1
+        if calls["n"] > n_steps:
+            raise KeyboardInterrupt
+        return real(self, x, s)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+
+@pytest.mark.parametrize("model,k", [("relu", None), ("topk", 3)])
+def test_interrupted_run_resumes_to_the_same_weights(make_cfg, tmp_path, monkeypatch, model, k):
+    straight = make_cfg(model=model, k=k, tokens=150_000, out_dir=str(tmp_path / "straight"))
+    train(straight)
+    resumed = make_cfg(model=model, k=k, tokens=150_000, out_dir=str(tmp_path / "resumed"))
+    with monkeypatch.context() as m:
+        _stop_after(m, 137)
+        with pytest.raises(KeyboardInterrupt):
+            train(resumed)
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
+    metrics = train(resumed)
+    assert metrics["resumed_from_tokens"] == 137 * 512
+    a, b = load_file(str(tmp_path / "straight/sae.safetensors")), load_file(str(tmp_path / "resumed/sae.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    curves_a = (tmp_path / "straight/curves.csv").read_text()
+    assert curves_a.splitlines()[:5] == (tmp_path / "resumed/curves.csv").read_text().splitlines()[:5]
+
+
+def test_sigkill_mid_run_then_same_command_resumes(make_cfg, tmp_path, data_root):
+    args = [
+        "data.d_in=16", "data.n_features=48", "data.n_tokens=120000", "data.true_l0=3.0", "data.chunk_tokens=1024",
+        f"data.path={data_root}", "batch_size=256", "hidden_dim=64", "tokens=1500000", "device=cpu",
+        "train.progress=false", "train.checkpoint_every_s=0.2", "train.log_every_tokens=2048",
+    ]
+    cmd = [sys.executable, "-m", "sae_sweep", *args, f"hydra.run.dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    killed = json.loads((tmp_path / "killed/metrics.json").read_text())
+    assert killed["resumed_from_tokens"] > 0
+    straight_cmd = cmd[:-1] + [f"hydra.run.dir={tmp_path / 'straight'}"]
+    subprocess.run(straight_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    a, b = load_file(str(tmp_path / "straight/sae.safetensors")), load_file(str(tmp_path / "killed/sae.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_finished_run_is_not_trained_again(make_cfg, monkeypatch):
+    cfg = make_cfg(tokens=50_000)
+    first = train(cfg)
+    monkeypatch.setattr(Trainer, "run_loop", lambda self: pytest.fail("trained again"))
+    assert train(cfg) == json.loads(json.dumps(first))
+
+
+def test_a_different_config_in_the_same_directory_is_refused(make_cfg):
+    train(make_cfg(tokens=50_000))
+    with pytest.raises(ConfigError, match="l1_lambda was None, now 2.0"):
+        train(make_cfg(tokens=50_000, l1_lambda=2.0))
+
+
+def test_divergence_stops_with_a_status_and_no_sae(make_cfg):
+    cfg = make_cfg(tokens=50_000, lr=1e30)
+    with pytest.raises(TrainingDiverged, match="lower lr"):
+        train(cfg)
+    run = Path(cfg.out_dir)
+    status = json.loads((run / "metrics.json").read_text())
+    assert status["status"] == "diverged"
+    assert not (run / "sae.safetensors").exists()
+
+
+def test_k_larger_than_the_default_width_is_refused_before_training(make_cfg):
+    with pytest.raises(ConfigError, match=r"'model.k' = 200 .* at most hidden_dim \(128\)"):
+        train(make_cfg(model="topk", k=200, hidden_dim=None))  # hidden = 8 * d_in = 128
