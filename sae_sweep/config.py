@@ -33,9 +33,11 @@ class ModelConfig:
     aux_k_coef: float = 1 / 32  # topk/batchtopk: weight of the AuxK loss on dead latents (Gao et al.)
     aux_k: int | None = None  # topk/batchtopk: dead latents used by AuxK; null = d_in / 2
     aux_dead_tokens: int = 1_000_000  # topk/batchtopk: a latent silent this many tokens feeds AuxK
-    dec_init_norm: float = 0.1  # relu/jumprelu: norm of the initial decoder rows (April-2024 recipe)
-    jump_bandwidth: float = 0.05  # jumprelu: straight-through estimator bandwidth (normalised units)
-    jump_threshold_init: float = 0.1  # jumprelu: initial threshold of every latent
+    # relu/jumprelu: norm of the initial decoder rows; null = 0.1 for relu (April-2024 recipe), 1 for
+    # jumprelu (its pre-activations must start near the threshold for the estimator to see them)
+    dec_init_norm: float | None = None
+    jump_bandwidth: float = 0.5  # jumprelu: straight-through estimator bandwidth (normalised units)
+    jump_threshold_init: float = 0.5  # jumprelu: initial threshold of every latent (normalised units)
     threshold_momentum: float = 0.99  # batchtopk: EMA momentum of the inference threshold
 
 
@@ -48,11 +50,12 @@ class DataConfig:
     scale_tokens: int = 1_000_000  # tokens used to estimate the scale factor (or all, if fewer)
     buffer_mb: int = 512  # shuffle buffer: RAM for raw activations held at once (bounded streaming)
     chunk_tokens: int = 4096  # rows read as one unit; the test split is made of whole chunks
+    default_epochs: float = 1.0  # training budget when neither `tokens` nor `epochs` is given
     # synthetic ground truth (ignored for shards)
-    d_in: int = 64  # synthetic: activation width
+    d_in: int = 128  # synthetic: activation width
     n_features: int = 512  # synthetic: number of true feature directions
-    n_tokens: int = 2_000_000  # synthetic: tokens generated (train + test)
-    true_l0: float = 8.0  # synthetic: mean number of true features firing per token
+    n_tokens: int = 1_000_000  # synthetic: tokens generated (train + test)
+    true_l0: float = 4.0  # synthetic: mean number of true features firing per token
     zipf_exponent: float = 0.5  # synthetic: firing probability of feature i ~ 1 / (i + 1) ** exponent
     correlation: float = 0.3  # synthetic: strength of correlated firing (0 = independent)
     hierarchy_frac: float = 0.1  # synthetic: share of features that only fire with a parent feature
@@ -94,24 +97,29 @@ class Config:
     lr: float | None = None  # learning rate; null = the architecture's recipe value
     batch_size: int = 4096  # tokens per optimizer step
     hidden_dim: int | None = None  # SAE width (latents); null = 8 * d_in
-    tokens: int | None = None  # training budget in tokens; null = `epochs` (or one epoch)
-    epochs: float | None = None  # training budget in passes over the train split (alt. to tokens)
+    tokens: int | None = None  # training budget in tokens; null = `epochs`
+    epochs: float | None = None  # budget in passes over the train split; null = data.default_epochs
     seed: int = 0  # seed of initialisation, data order and the held-out split
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     out_dir: str = MISSING  # run directory (set from hydra.run.dir by the CLI)
 
 
 # Recipe defaults that depend on the architecture (DESIGN.md section 6).
-DEFAULT_L1_LAMBDA = {"relu": 5.0, "jumprelu": 0.1}
-DEFAULT_LR_RELU = 1e-3  # see README: 5e-5 of the April-2024 recipe assumes billions of tokens
-DEFAULT_LR_JUMPRELU = 1e-3
+DEFAULT_L1_LAMBDA = {"relu": 5.0, "jumprelu": 1.0}
+DEFAULT_DEC_INIT_NORM = {"relu": 0.1, "jumprelu": 1.0}
 
 
-def default_lr(arch: str, hidden: int) -> float:
-    """Recipe learning rate: Gao et al.'s 2e-4 / sqrt(hidden / 2^14) for TopK, fixed otherwise."""
+def default_lr(arch: str, d_in: int, hidden: int) -> float:
+    """The learning rate used when `lr` is null.
+
+    TopK family: Gao et al.'s 2e-4 / sqrt(hidden / 2^14). relu/jumprelu: 1e-3 at d_in = 128, scaled
+    by 1/sqrt(d_in). Adam moves every weight by about lr per step while the initial weights are
+    ~0.1/sqrt(d_in), so this keeps the relative step the same at every width (at d_in = 3072 it is
+    2e-4). The April-2024 recipe's 5e-5 is tuned for billions of tokens; a sweep trial gets millions.
+    """
     if arch in TOPK_FAMILY:
         return 2e-4 / math.sqrt(hidden / 2**14)
-    return DEFAULT_LR_JUMPRELU if arch == "jumprelu" else DEFAULT_LR_RELU
+    return 1e-3 * math.sqrt(128 / d_in)
 
 
 def register_configs() -> None:
@@ -181,7 +189,7 @@ def validate(cfg: Config | DictConfig) -> None:
     if m.aux_k is not None and m.aux_k < 1:
         raise ConfigError("model.aux_k", m.aux_k, "a positive integer or null (= d_in / 2)")
     _positive("model.aux_dead_tokens", m.aux_dead_tokens)
-    _positive("model.dec_init_norm", m.dec_init_norm)
+    _positive("model.dec_init_norm", m.dec_init_norm, allow_none=True)
     _positive("model.jump_bandwidth", m.jump_bandwidth)
     _positive("model.jump_threshold_init", m.jump_threshold_init)
     _fraction("model.threshold_momentum", m.threshold_momentum)
@@ -197,6 +205,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("data.scale_tokens", d.scale_tokens)
     _positive("data.buffer_mb", d.buffer_mb)
     _positive("data.chunk_tokens", d.chunk_tokens)
+    _positive("data.default_epochs", d.default_epochs)
     if d.kind == "synthetic":
         for key in ("d_in", "n_features", "n_tokens", "true_l0", "magnitude_mean"):
             _positive(f"data.{key}", getattr(d, key))

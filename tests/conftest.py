@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from sae_sweep.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
 
 # Small enough for seconds per training on 2 cores, large enough to need real superposition.
-SMALL_DATA = dict(d_in=16, n_features=48, n_tokens=120_000, true_l0=3.0, chunk_tokens=1024)
+SMALL_DATA = dict(d_in=32, n_features=96, n_tokens=120_000, true_l0=3.0, chunk_tokens=1024)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def make_cfg(data_root, tmp_path):
         data_kw = {**SMALL_DATA, "path": str(data_root), **(data or {})}
         train_kw = dict(progress=False, log_every_tokens=8192, dead_window=100_000)
         train_kw.update(top.pop("train", {}))
-        base = dict(batch_size=512, hidden_dim=64, tokens=400_000, seed=0, device="cpu",
+        base = dict(batch_size=512, hidden_dim=128, tokens=400_000, seed=0, device="cpu",
                     out_dir=str(tmp_path / "run"))
         base.update(top)
         cfg = Config(

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sae_sweep.config import ModelConfig
+from sae_sweep.config import DEFAULT_DEC_INIT_NORM, ModelConfig
 from sae_sweep.errors import DataError
 from sae_sweep.models.base import SAE, SAEOutput
 from sae_sweep.models.batchtopk import BatchTopKSAE
@@ -26,12 +26,12 @@ FORMAT_VERSION = "1"
 def build_sae(model_cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None = None) -> SAE:
     """The architecture named by model_cfg.name, initialised as its recipe says (DESIGN section 6)."""
     name = model_cfg.name
+    dec_init_norm = model_cfg.dec_init_norm or DEFAULT_DEC_INIT_NORM.get(name, 1.0)
     if name == "relu":
-        return ReluSAE(d_in, hidden, model_cfg.dec_init_norm, generator)
+        return ReluSAE(d_in, hidden, dec_init_norm, generator)
     if name == "jumprelu":
         return JumpReLUSAE(
-            d_in, hidden, model_cfg.dec_init_norm, model_cfg.jump_bandwidth, model_cfg.jump_threshold_init,
-            generator,
+            d_in, hidden, dec_init_norm, model_cfg.jump_bandwidth, model_cfg.jump_threshold_init, generator
         )
     topk_args = (d_in, hidden, model_cfg.k, model_cfg.aux_k, model_cfg.aux_k_coef, model_cfg.aux_dead_tokens)
     if name == "topk":

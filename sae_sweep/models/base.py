@@ -71,7 +71,10 @@ class SAE(nn.Module):
         return self.W_dec.norm(dim=1)
 
     def init_from_data(self, x_sample_BD: Tensor) -> None:
-        """Data-dependent initialisation (normalised sample); default none."""
+        """Data-dependent initialisation from a normalised sample: b_dec at the data mean, so that a
+        short run need not spend its first steps walking the decoder bias to the data's offset."""
+        with torch.no_grad():
+            self.b_dec.copy_(x_sample_BD.float().mean(0))
 
     def before_optimizer_step(self) -> None:
         """Called after backward and gradient clipping, before the optimizer step."""

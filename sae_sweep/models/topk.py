@@ -1,8 +1,8 @@
 """TopK SAE (Gao et al. 2024): keep the k largest ReLU pre-activations per token, plus AuxK.
 
 Decoder rows are kept at unit norm (the gradient component parallel to each row is removed before
-the step and rows are renormalised after it); W_enc starts as W_dec^T; b_dec starts at the data
-mean and is subtracted before encoding. AuxK reconstructs the main residual from the k_aux most
+the step and rows are renormalised after it); W_enc starts as W_dec^T; b_dec (at the data mean,
+as for every architecture) is subtracted before encoding. AuxK reconstructs the main residual from the k_aux most
 active *dead* latents (silent for `aux_dead_tokens`), so dead latents keep receiving gradient.
 """
 
@@ -46,10 +46,6 @@ class TopKSAE(SAE):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"k": self.k}
-
-    def init_from_data(self, x_sample_BD: Tensor) -> None:
-        with torch.no_grad():
-            self.b_dec.copy_(x_sample_BD.float().mean(0))
 
     def encode(self, x_BD: Tensor) -> Tensor:
         return topk_relu(self.pre_acts(x_BD), self.k)

@@ -11,7 +11,10 @@ import csv
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +24,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, default_lr, validate
-from sae_sweep.config import DEFAULT_L1_LAMBDA
+from sae_sweep.config import DEFAULT_L1_LAMBDA, TOPK_FAMILY, USES_SPARSITY_COEF, Config, default_lr, validate
 from sae_sweep.data import open_dataset
 from sae_sweep.errors import ConfigError, SaeSweepError
-from sae_sweep.metrics import DeadLatentTracker, EvalAccumulator, F1Accumulator, density_histogram, match_features
+from sae_sweep.metrics import (
+    DeadLatentTracker,
+    EvalAccumulator,
+    F1Accumulator,
+    density_histogram,
+    match_features,
+)
 from sae_sweep.models import SAE, build_sae, save_sae
 from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
 from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
@@ -50,6 +58,9 @@ class RunState:
     epoch: int = 0
     batch_in_epoch: int = 0
     train_seconds: float = 0.0
+    # running sums (loss, mse, l0) and step count since the last curves row
+    interval_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    interval_steps: int = 0
     curves: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -99,6 +110,30 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')} was {a!r}, now {b!r}"
 
 
+class StopRequests:
+    """Turns SIGINT/SIGTERM into a request the loop honours between steps, so the checkpoint it then
+    writes is consistent (a signal mid-step would leave weights and step counter out of step)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """One training run. `train(cfg)` is the public entry point."""
 
@@ -125,11 +160,12 @@ class Trainer:
         self.l1_lambda = 0.0
         if arch in USES_SPARSITY_COEF:
             self.l1_lambda = cfg.l1_lambda if cfg.l1_lambda is not None else DEFAULT_L1_LAMBDA[arch]
-        self.lr = cfg.lr if cfg.lr is not None else default_lr(arch, self.hidden)
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(arch, d_in, self.hidden)
         if cfg.tokens is not None:
             budget = cfg.tokens
         else:
-            budget = math.ceil((cfg.epochs or 1.0) * self.data.n_train_tokens)
+            epochs = cfg.epochs if cfg.epochs is not None else cfg.data.default_epochs
+            budget = math.ceil(epochs * self.data.n_train_tokens)
         self.total_steps = max(1, math.ceil(budget / cfg.batch_size))
 
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -189,6 +225,8 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def _checkpoint(self) -> None:
+        self.state.interval_sums = self.sums.tolist()
+        self.state.interval_steps = self.n_in_sums
         write_checkpoint(self.run_dir, {
             "config": self.cfg_dict,
             "model": self.sae.state_dict(),
@@ -227,54 +265,63 @@ class Trainer:
         batch_size = cfg.batch_size
         log_every_steps = max(1, round(cfg.train.log_every_tokens / batch_size))
         batches = self.data.train_batches(batch_size, st.epoch, st.batch_in_epoch)
-        sums = torch.zeros(3, device=self.device)  # loss, mse, l0 since the last log row
-        n_in_sums = 0
+        self.sums = torch.tensor(st.interval_sums, device=self.device)
+        self.n_in_sums = st.interval_steps
         last_checkpoint = time.monotonic()
         bar = tqdm(
             total=self.total_steps, initial=st.step, disable=not cfg.train.progress, unit="step",
             desc=f"{cfg.model.name} h={self.hidden}", dynamic_ncols=True,
         )
         try:
-            while st.step < self.total_steps:
-                t0 = time.perf_counter()
-                epoch, batch_in_epoch, x_raw = next(batches)
-                x = x_raw.to(self.device, non_blocking=True) * self.scale_factor
-                loss, mse, l0 = self._train_step(x, st.step)
-                sums += torch.stack((loss, mse, l0))
-                n_in_sums += 1
-                st.step += 1
-                st.tokens_seen += batch_size
-                st.epoch, st.batch_in_epoch = epoch, batch_in_epoch + 1
-                if self.device.type == "cuda" and (st.step % log_every_steps == 0 or st.step == self.total_steps):
-                    torch.cuda.synchronize()
-                st.train_seconds += time.perf_counter() - t0
-                bar.update(1)
-                if st.step % log_every_steps == 0 or st.step == self.total_steps:
-                    means = (sums / n_in_sums).tolist()  # the only host sync, once per log row
-                    sums.zero_()
-                    n_in_sums = 0
-                    if not all(math.isfinite(v) for v in means):
-                        raise TrainingDiverged(
-                            f"loss became {means[0]} between steps {st.step - log_every_steps} and {st.step} "
-                            f"(lr={self.lr:g}, l1_lambda={self.l1_lambda:g}); lower lr or l1_lambda"
-                        )
-                    self._log_row(means)
-                    bar.set_postfix(mse=f"{means[1]:.4g}", l0=f"{means[2]:.1f}",
-                                    dead=f"{self.dead.dead_frac():.1%}")
-                    if time.monotonic() - last_checkpoint >= cfg.train.checkpoint_every_s:
+            with StopRequests() as stop:
+                while st.step < self.total_steps:
+                    if stop.requested:
+                        if not bool(torch.isfinite(self.sums).all()):
+                            self._end_interval(log_every_steps, bar)  # raises TrainingDiverged
                         self._checkpoint()
-                        last_checkpoint = time.monotonic()
-        except KeyboardInterrupt:
-            if math.isfinite(float(sums.sum())):
-                self._checkpoint()
-                log.warning("interrupted at %d tokens; checkpoint written, re-run the same command to resume",
-                            st.tokens_seen)
-            raise
+                        log.warning("stopped by %s at %d tokens; checkpoint written, re-run the same command "
+                                    "to resume", stop.requested, st.tokens_seen)
+                        raise KeyboardInterrupt
+                    self._one_step(batches, log_every_steps)
+                    bar.update(1)
+                    if st.step % log_every_steps == 0 or st.step == self.total_steps:
+                        self._end_interval(log_every_steps, bar)
+                        if time.monotonic() - last_checkpoint >= cfg.train.checkpoint_every_s:
+                            self._checkpoint()
+                            last_checkpoint = time.monotonic()
         finally:
             bar.close()
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+
+    def _one_step(self, batches: Iterator[tuple[int, int, torch.Tensor]], log_every_steps: int) -> None:
+        st = self.state
+        t0 = time.perf_counter()
+        epoch, batch_in_epoch, x_raw = next(batches)
+        x = x_raw.to(self.device, non_blocking=True) * self.scale_factor
+        loss, mse, l0 = self._train_step(x, st.step)
+        self.sums += torch.stack((loss, mse, l0))
+        self.n_in_sums += 1
+        st.step += 1
+        st.tokens_seen += x.shape[0]
+        st.epoch, st.batch_in_epoch = epoch, batch_in_epoch + 1
+        if self.device.type == "cuda" and (st.step % log_every_steps == 0 or st.step == self.total_steps):
+            torch.cuda.synchronize()
+        st.train_seconds += time.perf_counter() - t0
+
+    def _end_interval(self, log_every_steps: int, bar: tqdm) -> None:
+        st = self.state
+        means = (self.sums / self.n_in_sums).tolist()  # the only host sync, once per log row
+        self.sums.zero_()
+        self.n_in_sums = 0
+        if not all(math.isfinite(v) for v in means):
+            raise TrainingDiverged(
+                f"loss became {means[0]} between steps {st.step - log_every_steps} and {st.step} "
+                f"(lr={self.lr:g}, l1_lambda={self.l1_lambda:g}); lower lr or l1_lambda"
+            )
+        self._log_row(means)
+        bar.set_postfix(mse=f"{means[1]:.4g}", l0=f"{means[2]:.1f}", dead=f"{self.dead.dead_frac():.1%}")
 
     def _log_row(self, means: list[float]) -> None:
         st = self.state
