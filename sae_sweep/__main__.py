@@ -29,12 +29,12 @@ def _register() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from sae_sweep.train.trainer import TrainingDiverged, summary_line, train
+    from sae_sweep.train.trainer import RunStopped, summary_line, train
 
     try:
         metrics = train(cfg)
-    except TrainingDiverged as err:
-        print(f"sae_sweep: training diverged: {err}", file=sys.stderr)
+    except RunStopped as err:
+        print(f"sae_sweep: run stopped early, {err} (run directory: {cfg.out_dir})", file=sys.stderr)
         sys.exit(1)
     except SaeSweepError as err:
         print(f"sae_sweep: error: {err}", file=sys.stderr)

@@ -85,6 +85,7 @@ class TrainConfig:
     dead_window: int = 10_000_000  # a latent silent for this many training tokens is dead
     eval_tokens: int | None = None  # cap on held-out tokens evaluated (null = the whole split)
     progress: bool = True  # show a tqdm progress bar
+    stop_on_collapse: bool = True  # stop (status collapsed) if every latent goes silent after warm-up
 
 
 @dataclass

@@ -19,7 +19,7 @@ from sae_sweep.errors import ConfigError
 from sae_sweep.metrics import mcc
 from sae_sweep.models import load_sae
 from sae_sweep.train import train
-from sae_sweep.train.trainer import Trainer, TrainingDiverged
+from sae_sweep.train.trainer import RunStopped, Trainer, TrainingDiverged
 
 SECTION5_METRICS = [
     "mse", "fvu", "explained_variance", "l0", "l1", "loss", "dead_frac", "alive_frac", "dense_frac",
@@ -180,3 +180,30 @@ def test_divergence_stops_with_a_status_and_no_sae(make_cfg):
 def test_k_larger_than_the_default_width_is_refused_before_training(make_cfg):
     with pytest.raises(ConfigError, match=r"'model.k' = 300 .* at most hidden_dim \(256\)"):
         train(make_cfg(model="topk", k=300, hidden_dim=None))  # hidden = 8 * d_in = 256
+
+
+def test_a_collapsed_run_stops_early_with_its_status(make_cfg):
+    cfg = make_cfg(l1_lambda=1000.0, tokens=400_000)
+    with pytest.raises(RunStopped, match="collapsed") as info:
+        train(cfg)
+    status = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
+    assert status["status"] == "collapsed" and status["tokens"] < 400_000
+    assert info.value.status == "collapsed"
+    with pytest.raises(RunStopped, match="collapsed"):  # the same command again says so, without training
+        train(cfg)
+
+
+def test_on_log_sees_every_row_and_can_stop_the_run(make_cfg):
+    seen = []
+
+    def pruner(row):
+        seen.append(row)
+        if row["tokens"] >= 50_000:
+            raise RunStopped("pruned", "worse than the median trial")
+
+    cfg = make_cfg(tokens=200_000)
+    with pytest.raises(RunStopped, match="pruned"):
+        train(cfg, on_log=pruner)
+    assert [r["tokens"] for r in seen] == sorted(r["tokens"] for r in seen) and seen[0]["tokens"] == 8192
+    status = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
+    assert status["status"] == "pruned" and not (Path(cfg.out_dir) / "checkpoint.pt").exists()

@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +45,34 @@ _RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress")
 INIT_SAMPLE_TOKENS = 65_536
 
 
-class TrainingDiverged(SaeSweepError):
-    """The loss became NaN/inf; the run stops with status 'diverged' and writes no SAE."""
+class RunStopped(SaeSweepError):
+    """The run ended before its budget; metrics.json records `status` and `reason`, and no SAE is written.
+
+    Raised by the trainer (diverged, collapsed) or by an `on_log` callback (a sweep's pruner: pruned).
+    """
+
+    def __init__(self, status: str, reason: str) -> None:
+        self.status, self.reason = status, reason
+        super().__init__(f"{status}: {reason}")
+
+
+class TrainingDiverged(RunStopped):
+    """The loss became NaN/inf."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("diverged", reason)
+
+
+class TrainingCollapsed(RunStopped):
+    """Every latent went silent after the sparsity warm-up: nothing left to train."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("collapsed", reason)
+
+
+OnLog = Callable[[dict[str, float]], None]
+# A run whose mean L0 stays below this after the sparsity warm-up has collapsed (< 1 firing per 100 tokens).
+COLLAPSED_L0 = 0.01
 
 
 @dataclass
@@ -137,7 +163,8 @@ class StopRequests:
 class Trainer:
     """One training run. `train(cfg)` is the public entry point."""
 
-    def __init__(self, cfg: Config | DictConfig):
+    def __init__(self, cfg: Config | DictConfig, on_log: OnLog | None = None):
+        self.on_log = on_log
         self.cfg = _as_dictconfig(cfg)
         validate(self.cfg)
         self.run_dir = Path(self.cfg.out_dir)
@@ -321,7 +348,19 @@ class Trainer:
                 f"(lr={self.lr:g}, l1_lambda={self.l1_lambda:g}); lower lr or l1_lambda"
             )
         self._log_row(means)
+        self._check_collapse(means[2])
+        if self.on_log is not None:
+            self.on_log(st.curves[-1])
         bar.set_postfix(mse=f"{means[1]:.4g}", l0=f"{means[2]:.1f}", dead=f"{self.dead.dead_frac():.1%}")
+
+    def _check_collapse(self, interval_l0: float) -> None:
+        st, o = self.state, self.cfg.optimizer
+        settled = st.step >= max(2 * o.l1_warmup_frac, 0.2) * self.total_steps
+        if self.cfg.train.stop_on_collapse and settled and interval_l0 < COLLAPSED_L0:
+            raise TrainingCollapsed(
+                f"mean L0 {interval_l0:.2g} at {st.tokens_seen} tokens: every latent has gone silent "
+                f"(l1_lambda={self.l1_lambda:g}, lr={self.lr:g}); lower l1_lambda or lr"
+            )
 
     def _log_row(self, means: list[float]) -> None:
         st = self.state
@@ -429,13 +468,15 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def train(cfg: Config | DictConfig) -> dict[str, Any]:
+def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> dict[str, Any]:
     """Train one SAE into cfg.out_dir and return its metrics (also written to metrics.json).
 
     Re-running with the same config in the same directory resumes from checkpoint.pt, or returns
-    the finished run's metrics without training again.
+    the finished run's metrics without training again (raises RunStopped again for a run that
+    stopped early). `on_log(row)` sees every curves.csv row as it is written; it may raise
+    RunStopped (e.g. a pruner) to end the run.
     """
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, on_log)
     run_dir = trainer.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, trainer.cfg_dict)
@@ -445,12 +486,15 @@ def train(cfg: Config | DictConfig) -> dict[str, Any]:
         if finished.get("status") == "completed":
             log.info("run in %s already finished; nothing to do", run_dir)
             return finished
+        if finished.get("status") in ("diverged", "collapsed", "pruned"):
+            raise RunStopped(finished["status"], finished.get("reason", "") + f" (earlier run in {run_dir})")
     OmegaConf.save(trainer.cfg, run_dir / "config.yaml", resolve=True)
     trainer.setup()
     try:
         trainer.run_loop()
-    except TrainingDiverged as err:
-        metrics = {"status": "diverged", "reason": str(err), "tokens": trainer.state.tokens_seen}
+    except RunStopped as err:
+        last = trainer.state.curves[-1] if trainer.state.curves else {}
+        metrics = {**last, "status": err.status, "reason": err.reason, "tokens": trainer.state.tokens_seen}
         _write_json(metrics_path, metrics)
         write_curves(run_dir / "curves.csv", trainer.state.curves)
         remove_checkpoint(run_dir)
