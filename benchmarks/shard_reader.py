@@ -47,10 +47,11 @@ def write_shards(folder: Path, total_bytes: int, d_in: int, shard_tokens: int, s
     tokens = total_bytes // (4 * d_in)
     for i, start in enumerate(range(0, tokens, shard_tokens)):
         n = min(shard_tokens, tokens - start)
-        arr = np.lib.format.open_memmap(folder / f"shard_{i:04d}.npy", mode="w+", dtype=np.float32,
-                                        shape=(n, d_in))
+        arr = np.lib.format.open_memmap(
+            folder / f"shard_{i:04d}.npy", mode="w+", dtype=np.float32, shape=(n, d_in)
+        )
         for a in range(0, n, 4096):
-            arr[a:a + 4096] = rng.standard_normal((min(4096, n - a), d_in), dtype=np.float32)
+            arr[a : a + 4096] = rng.standard_normal((min(4096, n - a), d_in), dtype=np.float32)
         arr.flush()
         del arr
     return tokens
@@ -63,13 +64,18 @@ def stream_epoch(ds: ActivationDataset, batch_size: int, epoch: int) -> dict[str
         pass
     seconds = time.perf_counter() - start
     nbytes = n * batch_size * ds.d_in * 4
-    return {"batches": n, "seconds": round(seconds, 3), "mb_per_s": round(nbytes / MIB / seconds, 1),
-            "tokens_per_s": round(n * batch_size / seconds)}
+    return {
+        "batches": n,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(nbytes / MIB / seconds, 1),
+        "tokens_per_s": round(n * batch_size / seconds),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gb", type=float, default=1.0, help="size of the shard folder written (GiB)")
     parser.add_argument("--buffer-mb", type=float, default=128, help="data.buffer_mb")
     parser.add_argument("--d-in", type=int, default=3072)
@@ -83,9 +89,19 @@ def main() -> None:
         folder = Path(tmp)
         start = time.perf_counter()
         tokens = write_shards(folder, int(args.gb * 2**30), args.d_in, args.shard_tokens)
-        print(json.dumps({"step": "write", "gb": args.gb, "tokens": tokens, "d_in": args.d_in,
-                          "shards": len(list(folder.glob("*.npy"))),
-                          "seconds": round(time.perf_counter() - start, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "step": "write",
+                    "gb": args.gb,
+                    "tokens": tokens,
+                    "d_in": args.d_in,
+                    "shards": len(list(folder.glob("*.npy"))),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            ),
+            flush=True,
+        )
 
         ds = ActivationDataset(folder, seed=0, chunk_tokens=args.chunk_tokens, buffer_mb=args.buffer_mb)
         reset = reset_peak_rss()
@@ -95,12 +111,20 @@ def main() -> None:
             print(json.dumps({"step": "epoch", "pass": epoch + 1, **figures}), flush=True)
         buffer_mb = ds.buffer_rows(args.batch_size) * args.d_in * 4 / MIB
         peak_mb = (proc_status_kb("VmHWM") - baseline_kb) / 1024
-        print(json.dumps({
-            "step": "memory", "peak_rss_mb_above_baseline": round(peak_mb, 1),
-            "baseline_rss_mb": round(baseline_kb / 1024, 1), "buffer_mb_used": round(buffer_mb, 1),
-            "bound_mb": round(2 * buffer_mb + 2 * args.batch_size * args.d_in * 4 / MIB, 1),
-            "data_mb": round(tokens * args.d_in * 4 / MIB), "peak_reset": reset,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "step": "memory",
+                    "peak_rss_mb_above_baseline": round(peak_mb, 1),
+                    "baseline_rss_mb": round(baseline_kb / 1024, 1),
+                    "buffer_mb_used": round(buffer_mb, 1),
+                    "bound_mb": round(2 * buffer_mb + 2 * args.batch_size * args.d_in * 4 / MIB, 1),
+                    "data_mb": round(tokens * args.d_in * 4 / MIB),
+                    "peak_reset": reset,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

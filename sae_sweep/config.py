@@ -8,7 +8,9 @@ allowed.
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,6 @@ class DataConfig:
     buffer_mb: int = 512  # shuffle buffer: RAM for raw activations held at once (bounded streaming)
     chunk_tokens: int = 4096  # rows read as one unit; the test split is made of whole chunks
     default_epochs: float = 1.0  # training budget when neither `tokens` nor `epochs` is given
-    # synthetic ground truth (ignored for shards)
     d_in: int = 128  # synthetic: activation width
     n_features: int = 512  # synthetic: number of true feature directions
     n_tokens: int = 1_000_000  # synthetic: tokens generated (train + test)
@@ -123,9 +124,39 @@ def default_lr(arch: str, d_in: int, hidden: int) -> float:
     return 1e-3 * math.sqrt(128 / d_in)
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's documentation: its trailing comment, or the comment lines just above it."""
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", stripped)
+        if match:
+            docs[match.group(1)] = " ".join([*pending, match.group(2) or ""]).strip()
+        pending = []
+    return docs
+
+
+def keys_help() -> str:
+    """Every config key with its documentation, for `--help`."""
+    sections = [("", Config), ("model.", ModelConfig), ("data.", DataConfig), ("optimizer.", OptimizerConfig),
+                ("train.", TrainConfig)]
+    lines = []
+    for prefix, cls in sections:
+        for name, doc in _field_comments(cls).items():
+            if doc and name != "out_dir":
+                lines.append(f"  {prefix + name:<28} {doc}")
+    return "\n".join(lines)
+
+
 def register_configs() -> None:
     # The schema of the whole tree, groups included: group yaml files only set values on it.
     ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("sae_sweep_keys_help"):
+        OmegaConf.register_new_resolver("sae_sweep_keys_help", keys_help)
 
 
 def _positive(key: str, value: float | int | None, *, allow_none: bool = False) -> None:

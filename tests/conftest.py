@@ -24,12 +24,21 @@ def make_cfg(data_root, tmp_path):
         data_kw = {**SMALL_DATA, "path": str(data_root), **(data or {})}
         train_kw = dict(progress=False, log_every_tokens=8192, dead_window=100_000)
         train_kw.update(top.pop("train", {}))
-        base = dict(batch_size=512, hidden_dim=128, tokens=400_000, seed=0, device="cpu",
-                    out_dir=str(tmp_path / "run"))
+        base = dict(
+            batch_size=512,
+            hidden_dim=128,
+            tokens=400_000,
+            seed=0,
+            device="cpu",
+            out_dir=str(tmp_path / "run"),
+        )
         base.update(top)
         cfg = Config(
-            model=ModelConfig(name=model, k=k), data=DataConfig(**data_kw), optimizer=OptimizerConfig(),
-            train=TrainConfig(**train_kw), **base,
+            model=ModelConfig(name=model, k=k),
+            data=DataConfig(**data_kw),
+            optimizer=OptimizerConfig(),
+            train=TrainConfig(**train_kw),
+            **base,
         )
         return OmegaConf.structured(cfg)
 

@@ -34,9 +34,17 @@ def test_defaults_compose_to_relu_on_synthetic():
 
 
 def test_shorthands_and_groups_override():
-    cfg = compose_cfg(["model=topk", "model.k=8", "lr=1e-3", "batch_size=512", "hidden_dim=256", "tokens=1000"])
+    cfg = compose_cfg(
+        ["model=topk", "model.k=8", "lr=1e-3", "batch_size=512", "hidden_dim=256", "tokens=1000"]
+    )
     assert (cfg.model.name, cfg.model.k, cfg.lr, cfg.batch_size, cfg.hidden_dim, cfg.tokens) == (
-        "topk", 8, 1e-3, 512, 256, 1000)
+        "topk",
+        8,
+        1e-3,
+        512,
+        256,
+        1000,
+    )
     validate(cfg)
 
 
@@ -61,7 +69,11 @@ def test_l1_lambda_zero_is_legal():
         (["tokens=100", "epochs=1"], "tokens", "one training budget"),
         (["device=tpu"], "device", "auto, cpu, cuda"),
         (["data.test_fraction=1.5"], "data.test_fraction", "(0, 1)"),
-        (["optimizer.lr_warmup_frac=0.9", "optimizer.lr_decay_frac=0.5"], "optimizer.lr_decay_frac", "at most"),
+        (
+            ["optimizer.lr_warmup_frac=0.9", "optimizer.lr_decay_frac=0.5"],
+            "optimizer.lr_decay_frac",
+            "at most",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(overrides, key, fragment):

@@ -51,8 +51,9 @@ def make_folder(tmp_path, lengths=(300, 517, 1000, 183), suffix=".npy", d=D):
 
 
 def dataset(folder, seed=0, chunk_tokens=100, test_fraction=0.1, buffer_mb=0.01):
-    return ActivationDataset(folder, seed=seed, chunk_tokens=chunk_tokens, test_fraction=test_fraction,
-                             buffer_mb=buffer_mb)
+    return ActivationDataset(
+        folder, seed=seed, chunk_tokens=chunk_tokens, test_fraction=test_fraction, buffer_mb=buffer_mb
+    )
 
 
 def one_epoch(ds, batch_size, epoch=0):
@@ -70,8 +71,9 @@ def global_ids(ds, spans):
 # ----- formats
 
 
-@pytest.mark.parametrize("suffix,as_dict", [(".npy", False), (".pt", False), (".pt", True),
-                                            (".safetensors", False)])
+@pytest.mark.parametrize(
+    "suffix,as_dict", [(".npy", False), (".pt", False), (".pt", True), (".safetensors", False)]
+)
 def test_every_format_reads_back_exactly(tmp_path, suffix, as_dict):
     xs = labelled((300, 517, 1000))
     for i, x in enumerate(xs):
@@ -88,9 +90,16 @@ def test_every_format_reads_back_exactly(tmp_path, suffix, as_dict):
     assert torch.equal(seen[seen[:, 0].argsort()], torch.cat(xs))
 
 
-@pytest.mark.parametrize("suffix,dtype", [(".npy", torch.float16), (".npy", torch.float64),
-                                          (".pt", torch.bfloat16), (".safetensors", torch.float16),
-                                          (".safetensors", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "suffix,dtype",
+    [
+        (".npy", torch.float16),
+        (".npy", torch.float64),
+        (".pt", torch.bfloat16),
+        (".safetensors", torch.float16),
+        (".safetensors", torch.bfloat16),
+    ],
+)
 def test_half_and_double_are_read_as_float32(tmp_path, suffix, dtype):
     x = torch.randn(250, D).to(dtype)
     write_shard(tmp_path / f"a{suffix}", x)
@@ -143,12 +152,16 @@ BAD_FILES = {
     "corrupt npy": lambda p: p.with_suffix(".npy").write_bytes(b"\x93NUMPY garbage" * 10),
     "corrupt pt": lambda p: p.with_suffix(".pt").write_bytes(b"not a zip" * 10),
     "corrupt safetensors": lambda p: p.with_suffix(".safetensors").write_bytes(b"\x08" + b"\x00" * 20),
-    "truncated npy": lambda p: (write_shard(p.with_suffix(".npy"), np.zeros((100, 4), np.float32)),
-                                p.with_suffix(".npy").write_bytes(p.with_suffix(".npy").read_bytes()[:-40])),
-    "two tensors": lambda p: save_file({"a": torch.zeros(4, 4), "b": torch.zeros(4, 4)},
-                                       p.with_suffix(".safetensors")),
-    "dict of two": lambda p: torch.save({"a": torch.zeros(4, 4), "b": torch.zeros(4, 4)},
-                                        p.with_suffix(".pt")),
+    "truncated npy": lambda p: (
+        write_shard(p.with_suffix(".npy"), np.zeros((100, 4), np.float32)),
+        p.with_suffix(".npy").write_bytes(p.with_suffix(".npy").read_bytes()[:-40]),
+    ),
+    "two tensors": lambda p: save_file(
+        {"a": torch.zeros(4, 4), "b": torch.zeros(4, 4)}, p.with_suffix(".safetensors")
+    ),
+    "dict of two": lambda p: torch.save(
+        {"a": torch.zeros(4, 4), "b": torch.zeros(4, 4)}, p.with_suffix(".pt")
+    ),
 }
 
 
@@ -177,8 +190,9 @@ def test_folder_without_shards_lists_allowed_suffixes(tmp_path):
         dataset(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("bad,suffix", [(math.nan, ".npy"), (math.inf, ".pt"), (-math.inf, ".safetensors"),
-                                        (1e300, ".npy")])
+@pytest.mark.parametrize(
+    "bad,suffix", [(math.nan, ".npy"), (math.inf, ".pt"), (-math.inf, ".safetensors"), (1e300, ".npy")]
+)
 def test_nan_and_inf_are_refused_when_their_chunk_is_read(tmp_path, bad, suffix):
     x = torch.randn(400, D, dtype=torch.float64 if bad == 1e300 else torch.float32)
     x[237, 3] = bad  # 1e300 is finite in float64 but inf once converted to float32
@@ -298,7 +312,7 @@ def test_resume_reads_nothing_before_its_buffer(tmp_path, monkeypatch):
     batches = ds.train_batches(32, 0, target.first_batch + 1)  # mid-buffer, late in the epoch
     assert next(batches)[:2] == (0, target.first_batch + 1)
     batches.close()
-    assert reads[:len(target.spans)] == list(target.spans)
+    assert reads[: len(target.spans)] == list(target.spans)
     assert len(reads) <= len(target.spans) + len(following.spans)  # at most the prefetch of the next buffer
 
 

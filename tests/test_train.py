@@ -22,8 +22,22 @@ from sae_sweep.train import train
 from sae_sweep.train.trainer import RunStopped, Trainer, TrainingDiverged
 
 SECTION5_METRICS = [
-    "mse", "fvu", "explained_variance", "l0", "l1", "loss", "dead_frac", "alive_frac", "dense_frac",
-    "dead_window_tokens", "pct_active_batch", "cos_sim", "l2_ratio", "tokens_per_s", "mcc", "f1",
+    "mse",
+    "fvu",
+    "explained_variance",
+    "l0",
+    "l1",
+    "loss",
+    "dead_frac",
+    "alive_frac",
+    "dense_frac",
+    "dead_window_tokens",
+    "pct_active_batch",
+    "cos_sim",
+    "l2_ratio",
+    "tokens_per_s",
+    "mcc",
+    "f1",
 ]
 
 
@@ -48,7 +62,9 @@ def test_run_directory_contract(make_cfg):
         meta = fh.metadata()
         shapes = {k: tuple(fh.get_tensor(k).shape) for k in fh.keys()}
     assert shapes == {"W_enc": (32, 128), "b_enc": (128,), "W_dec": (128, 32), "b_dec": (32,)}
-    assert meta["architecture"] == "relu" and float(meta["scale_factor"]) == pytest.approx(saved["scale_factor"])
+    assert meta["architecture"] == "relu" and float(meta["scale_factor"]) == pytest.approx(
+        saved["scale_factor"]
+    )
     assert float(meta["raw_mean_norm"]) * saved["scale_factor"] == pytest.approx(32**0.5, rel=0.05)
 
 
@@ -66,7 +82,8 @@ def test_saved_sae_applies_to_raw_activations(make_cfg):
 
 
 @pytest.mark.parametrize(
-    "model,k,l1_lambda", [("relu", None, 2.0), ("topk", 3, None), ("batchtopk", 3, None), ("jumprelu", None, None)]
+    "model,k,l1_lambda",
+    [("relu", None, 2.0), ("topk", 3, None), ("batchtopk", 3, None), ("jumprelu", None, None)],
 )
 def test_each_architecture_learns_the_ground_truth(make_cfg, model, k, l1_lambda):
     metrics = train(make_cfg(model=model, k=k, l1_lambda=l1_lambda))
@@ -116,9 +133,13 @@ def test_interrupted_run_resumes_to_the_same_weights(make_cfg, tmp_path, monkeyp
     assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
     metrics = train(resumed)
     assert metrics["resumed_from_tokens"] == 137 * 512
-    a, b = load_file(str(tmp_path / "straight/sae.safetensors")), load_file(str(tmp_path / "resumed/sae.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "straight/sae.safetensors")),
+        load_file(str(tmp_path / "resumed/sae.safetensors")),
+    )
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
     # the curves agree too, but for the wall-clock column
     def curves(run):
         with open(tmp_path / run / "curves.csv") as fh:
@@ -129,9 +150,19 @@ def test_interrupted_run_resumes_to_the_same_weights(make_cfg, tmp_path, monkeyp
 
 def test_sigkill_mid_run_then_same_command_resumes(make_cfg, tmp_path, data_root):
     args = [
-        "data.d_in=32", "data.n_features=96", "data.n_tokens=120000", "data.true_l0=3.0", "data.chunk_tokens=1024",
-        f"data.path={data_root}", "batch_size=256", "hidden_dim=128", "tokens=1500000", "device=cpu",
-        "train.progress=false", "train.checkpoint_every_s=0.2", "train.log_every_tokens=2048",
+        "data.d_in=32",
+        "data.n_features=96",
+        "data.n_tokens=120000",
+        "data.true_l0=3.0",
+        "data.chunk_tokens=1024",
+        f"data.path={data_root}",
+        "batch_size=256",
+        "hidden_dim=128",
+        "tokens=1500000",
+        "device=cpu",
+        "train.progress=false",
+        "train.checkpoint_every_s=0.2",
+        "train.log_every_tokens=2048",
     ]
     cmd = [sys.executable, "-m", "sae_sweep", *args, f"hydra.run.dir={tmp_path / 'killed'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -149,7 +180,10 @@ def test_sigkill_mid_run_then_same_command_resumes(make_cfg, tmp_path, data_root
     assert killed["resumed_from_tokens"] > 0
     straight_cmd = cmd[:-1] + [f"hydra.run.dir={tmp_path / 'straight'}"]
     subprocess.run(straight_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
-    a, b = load_file(str(tmp_path / "straight/sae.safetensors")), load_file(str(tmp_path / "killed/sae.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "straight/sae.safetensors")),
+        load_file(str(tmp_path / "killed/sae.safetensors")),
+    )
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
@@ -207,3 +241,85 @@ def test_on_log_sees_every_row_and_can_stop_the_run(make_cfg):
     assert [r["tokens"] for r in seen] == sorted(r["tokens"] for r in seen) and seen[0]["tokens"] == 8192
     status = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
     assert status["status"] == "pruned" and not (Path(cfg.out_dir) / "checkpoint.pt").exists()
+
+
+def _write_researcher_folder(folder: Path, d_in: int = 48) -> None:
+    """Three shards of different lengths in the three formats, like a dumped activation folder."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    features = torch.nn.functional.normalize(torch.randn(4 * d_in, d_in, generator=g), dim=1)
+
+    def acts(n):
+        fires = torch.rand(n, 4 * d_in, generator=g) < 0.01
+        return (fires * (1 + 3 * torch.rand(n, 4 * d_in, generator=g))) @ features + 0.2
+
+    folder.mkdir()
+    import numpy as np
+
+    np.save(folder / "acts_00.npy", acts(30_000).numpy())
+    torch.save(acts(20_000).half(), folder / "acts_01.pt")
+    save_file({"activations": acts(25_000)}, str(folder / "acts_02.safetensors"))
+
+
+def test_cli_trains_on_a_researchers_shard_folder(tmp_path):
+    _write_researcher_folder(tmp_path / "activations_data")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_sweep",
+            "data=shards",
+            "data.path=activations_data",
+            "model=relu",
+            "l1_lambda=5",
+            "hidden_dim=256",
+            "epochs=2",
+            "batch_size=1024",
+            "train.progress=false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    run_dir = tmp_path / res.stdout.split("run directory: ")[1].splitlines()[0]
+    assert run_dir.parent == tmp_path / "outputs/runs"  # named after the overrides: same command, same run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["d_in"] == 48 and metrics["hidden_dim"] == 256
+    assert metrics["explained_variance"] > 0.3 and metrics["alive_frac"] > 0.5
+    assert "mcc" not in metrics  # no ground truth for a researcher's folder
+    assert "explained_variance=" in res.stdout.splitlines()[-1]
+
+
+def test_cli_refuses_a_shard_with_nan_naming_the_file(tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    good = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float32)
+    bad = good.copy()
+    bad[123, 4] = np.nan
+    np.save(folder / "a.npy", good)
+    np.save(folder / "b.npy", bad)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_sweep",
+            "data=shards",
+            f"data.path={folder}",
+            "train.progress=false",
+            "batch_size=256",
+            "data.chunk_tokens=512",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert (
+        "b.npy" in res.stderr and "NaN" in res.stderr.replace("nan", "NaN") and "Traceback" not in res.stderr
+    )

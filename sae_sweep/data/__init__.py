@@ -25,6 +25,11 @@ def open_dataset(data_cfg: Any, seed: int, *, progress: bool = True) -> Activati
         folder = Path(data_cfg.path)
     else:
         raise ConfigError("data.kind", data_cfg.kind, "synthetic or shards")
-    return ActivationDataset(folder, seed=seed, chunk_tokens=data_cfg.chunk_tokens,
-                             test_fraction=data_cfg.test_fraction, buffer_mb=data_cfg.buffer_mb,
-                             ground_truth=truth)
+    return ActivationDataset(
+        folder,
+        seed=seed,
+        chunk_tokens=data_cfg.chunk_tokens,
+        test_fraction=data_cfg.test_fraction,
+        buffer_mb=data_cfg.buffer_mb,
+        ground_truth=truth,
+    )

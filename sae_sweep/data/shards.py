@@ -29,7 +29,10 @@ SHARD_SUFFIXES = (".npy", ".pt", ".safetensors")
 RESERVED_NAMES = ("ground_truth.safetensors",)  # written beside synthetic shards; never a shard
 TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SAFETENSORS_FLOATS = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
 }
 MIB = 2**20
 BYTES_PER_VALUE = 4  # buffers hold float32 whatever the shard's dtype
@@ -143,12 +146,18 @@ class PtShard(Shard):
         if isinstance(obj, dict):
             tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
             if len(tensors) != 1 or len(obj) != 1:
-                raise DataError(path, f"holds a dict with keys {sorted(map(str, obj))}; a .pt shard must be "
-                                      "a tensor or a dict holding exactly one tensor")
+                raise DataError(
+                    path,
+                    f"holds a dict with keys {sorted(map(str, obj))}; a .pt shard must be "
+                    "a tensor or a dict holding exactly one tensor",
+                )
             key = tensors[0]
         elif not isinstance(obj, torch.Tensor):
-            raise DataError(path, f"holds a {type(obj).__name__}; a .pt shard must be a tensor or a dict "
-                                  "holding exactly one tensor")
+            raise DataError(
+                path,
+                f"holds a {type(obj).__name__}; a .pt shard must be a tensor or a dict "
+                "holding exactly one tensor",
+            )
         tensor = obj if key is None else obj[key]
         if tensor.dtype not in TORCH_FLOATS:
             raise DataError(path, f"has dtype {tensor.dtype}; {_FLOATS_ALLOWED}")
@@ -176,8 +185,10 @@ class SafetensorsShard(Shard):
         with safe_open(path, framework="pt") as f:
             names = list(f.keys())
             if len(names) != 1:
-                raise DataError(path, f"holds {len(names)} tensors {names[:5]}; a .safetensors shard "
-                                      "must hold exactly one")
+                raise DataError(
+                    path,
+                    f"holds {len(names)} tensors {names[:5]}; a .safetensors shard must hold exactly one",
+                )
             view = f.get_slice(names[0])
             dtype, shape = view.get_dtype(), tuple(view.get_shape())
         if dtype not in SAFETENSORS_FLOATS:
@@ -192,12 +203,14 @@ class SafetensorsShard(Shard):
     def _read_rows(self, rows: np.ndarray) -> torch.Tensor:
         with safe_open(self.path, framework="pt") as f:
             view = f.get_slice(self.name)
-            return torch.cat([view[r:r + 1] for r in rows.tolist()])
+            return torch.cat([view[r : r + 1] for r in rows.tolist()])
 
 
 _FLOATS_ALLOWED = "shards must hold floats (float16, bfloat16, float32 or float64)"
 _OPENERS: dict[str, Callable[[Path], Shard]] = {
-    ".npy": NpyShard.open, ".pt": PtShard.open, ".safetensors": SafetensorsShard.open,
+    ".npy": NpyShard.open,
+    ".pt": PtShard.open,
+    ".safetensors": SafetensorsShard.open,
 }
 
 
@@ -230,8 +243,11 @@ def _require_finite(path: Path, x: torch.Tensor, rows: np.ndarray) -> None:
     if bool(finite.all()):
         return
     bad = rows[(~finite).nonzero().flatten().numpy()]
-    raise DataError(path, f"rows {rows[0]}-{rows[-1]} hold NaN or inf values (bad rows: {len(bad)}, first at "
-                          f"row {bad[0]}); clean or drop them: training on them would poison the SAE")
+    raise DataError(
+        path,
+        f"rows {rows[0]}-{rows[-1]} hold NaN or inf values (bad rows: {len(bad)}, first at "
+        f"row {bad[0]}); clean or drop them: training on them would poison the SAE",
+    )
 
 
 def open_shard(path: Path) -> Shard:
@@ -249,11 +265,20 @@ def shard_files(folder: Path) -> list[Path]:
     """The shard files of a folder, sorted by name (other files are ignored)."""
     if not folder.is_dir():
         raise DataError(folder, "is not a folder (data.path must be a folder of activation shards)")
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SHARD_SUFFIXES
-                    and p.name not in RESERVED_NAMES), key=lambda p: p.name)
+    files = sorted(
+        (
+            p
+            for p in folder.iterdir()
+            if p.is_file() and p.suffix.lower() in SHARD_SUFFIXES and p.name not in RESERVED_NAMES
+        ),
+        key=lambda p: p.name,
+    )
     if not files:
-        raise DataError(folder, f"holds no shard files: expected files ending in {', '.join(SHARD_SUFFIXES)} "
-                                f"({', '.join(RESERVED_NAMES)} is not a shard)")
+        raise DataError(
+            folder,
+            f"holds no shard files: expected files ending in {', '.join(SHARD_SUFFIXES)} "
+            f"({', '.join(RESERVED_NAMES)} is not a shard)",
+        )
     return files
 
 
@@ -262,8 +287,11 @@ def open_shards(folder: Path) -> list[Shard]:
     first = shards[0]
     for shard in shards[1:]:
         if shard.d_in != first.d_in:
-            raise DataError(shard.path, f"has d_in {shard.d_in} but {first.path.name} has d_in {first.d_in}: "
-                                        "every shard must have the same width")
+            raise DataError(
+                shard.path,
+                f"has d_in {shard.d_in} but {first.path.name} has d_in {first.d_in}: "
+                "every shard must have the same width",
+            )
     return shards
 
 
@@ -276,12 +304,16 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 def make_chunks(shards: list[Shard], chunk_tokens: int) -> list[Span]:
-    return [Span(i, a, min(a + chunk_tokens, s.n_rows))
-            for i, s in enumerate(shards) for a in range(0, s.n_rows, chunk_tokens)]
+    return [
+        Span(i, a, min(a + chunk_tokens, s.n_rows))
+        for i, s in enumerate(shards)
+        for a in range(0, s.n_rows, chunk_tokens)
+    ]
 
 
-def split_chunks(chunks: list[Span], test_fraction: float, seed: int, folder: Path,
-                 chunk_tokens: int) -> tuple[list[Span], list[Span]]:
+def split_chunks(
+    chunks: list[Span], test_fraction: float, seed: int, folder: Path, chunk_tokens: int
+) -> tuple[list[Span], list[Span]]:
     """(train, test): a seeded set of whole chunks holding about test_fraction of the tokens is test.
 
     Train comes in file order (each epoch permutes it); test in the seeded order, so evaluating only
@@ -289,8 +321,11 @@ def split_chunks(chunks: list[Span], test_fraction: float, seed: int, folder: Pa
     """
     total = sum(c.rows for c in chunks)
     if len(chunks) < 2:
-        raise DataError(folder, f"holds {total} tokens = 1 chunk of data.chunk_tokens={chunk_tokens}; the "
-                                "train/test split needs at least 2 chunks (lower data.chunk_tokens)")
+        raise DataError(
+            folder,
+            f"holds {total} tokens = 1 chunk of data.chunk_tokens={chunk_tokens}; the "
+            "train/test split needs at least 2 chunks (lower data.chunk_tokens)",
+        )
     order = _rng(seed, _SPLIT).permutation(len(chunks))
     covered = np.cumsum([chunks[i].rows for i in order])
     n_test = int(np.argmin(np.abs(covered - test_fraction * total))) + 1
@@ -359,8 +394,16 @@ def _submit_next(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]]) -> F
 class ActivationDataset:
     """A checked folder of shards with its seeded split; every read is streamed and bounded."""
 
-    def __init__(self, path: str | Path, *, seed: int, chunk_tokens: int = 4096, test_fraction: float = 0.01,
-                 buffer_mb: float = 512, ground_truth: object | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        seed: int,
+        chunk_tokens: int = 4096,
+        test_fraction: float = 0.01,
+        buffer_mb: float = 512,
+        ground_truth: object | None = None,
+    ) -> None:
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
         self.path = Path(path)
@@ -372,13 +415,16 @@ class ActivationDataset:
         self.row_offsets = np.concatenate([[0], np.cumsum([s.n_rows for s in self.shards])[:-1]])
         self.chunks = make_chunks(self.shards, chunk_tokens)
         self.train_chunks, self.test_chunks = split_chunks(
-            self.chunks, test_fraction, seed, self.path, chunk_tokens)
+            self.chunks, test_fraction, seed, self.path, chunk_tokens
+        )
         self.n_train_tokens = sum(c.rows for c in self.train_chunks)
         self.n_test_tokens = sum(c.rows for c in self.test_chunks)
 
     def __repr__(self) -> str:
-        return (f"ActivationDataset('{self.path}', {len(self.shards)} shards, d_in={self.d_in}, "
-                f"train={self.n_train_tokens}, test={self.n_test_tokens} tokens)")
+        return (
+            f"ActivationDataset('{self.path}', {len(self.shards)} shards, d_in={self.d_in}, "
+            f"train={self.n_train_tokens}, test={self.n_test_tokens} tokens)"
+        )
 
     # ----- training stream
 
@@ -391,8 +437,11 @@ class ActivationDataset:
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if self.n_train_tokens < batch_size:
-            raise DataError(self.path, f"the train split has {self.n_train_tokens} tokens, fewer than "
-                                       f"batch_size={batch_size}: lower batch_size or add data")
+            raise DataError(
+                self.path,
+                f"the train split has {self.n_train_tokens} tokens, fewer than "
+                f"batch_size={batch_size}: lower batch_size or add data",
+            )
         # Every buffer but the last holds whole batches, so only the epoch's last < batch_size rows drop.
         return self.n_train_tokens // batch_size
 
@@ -408,8 +457,9 @@ class ActivationDataset:
                 plans.append(BufferPlan(epoch, index, index * (size // batch_size), n_batches, tuple(spans)))
         return plans
 
-    def train_batches(self, batch_size: int, start_epoch: int = 0,
-                      start_batch: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def train_batches(
+        self, batch_size: int, start_epoch: int = 0, start_batch: int = 0
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Endless (epoch, batch index within the epoch, x raw float32 [batch_size, d_in]).
 
         Deterministic from (seed, epoch): starting at (e, b) yields exactly what an uninterrupted
@@ -417,11 +467,13 @@ class ActivationDataset:
         """
         per_epoch = self.batches_per_epoch(batch_size)
         start_epoch, start_batch = start_epoch + start_batch // per_epoch, start_batch % per_epoch
-        jobs = (partial(self._load_buffer, plan, skip)
-                for plan, skip in self._plans_from(batch_size, start_epoch, start_batch))
+        jobs = (
+            partial(self._load_buffer, plan, skip)
+            for plan, skip in self._plans_from(batch_size, start_epoch, start_batch)
+        )
         for plan, skip, buf, order in prefetched(jobs):
             for b in range(skip, plan.n_batches):
-                rows = order[b * batch_size:(b + 1) * batch_size]
+                rows = order[b * batch_size : (b + 1) * batch_size]
                 yield plan.epoch, plan.first_batch + b, buf.index_select(0, rows)
             del buf, order  # before the next buffer is awaited: at most two buffers alive
 
@@ -437,7 +489,7 @@ class ActivationDataset:
         buf = torch.empty(plan.n_rows, self.d_in, dtype=torch.float32)
         at = 0
         for span in plan.spans:
-            self.shards[span.shard].read_into(span.start, span.stop, buf[at:at + span.rows])
+            self.shards[span.shard].read_into(span.start, span.stop, buf[at : at + span.rows])
             at += span.rows
         # Row order within the buffer mixes the chunks (and so the shards) it holds.
         order = torch.from_numpy(_rng(self.seed, _ROWS, plan.epoch, plan.index).permutation(plan.n_rows))
@@ -445,8 +497,9 @@ class ActivationDataset:
 
     # ----- evaluation, scale and samples
 
-    def test_batches(self, batch_size: int, max_tokens: int | None = None,
-                     with_truth: bool = False) -> Iterator[Any]:
+    def test_batches(
+        self, batch_size: int, max_tokens: int | None = None, with_truth: bool = False
+    ) -> Iterator[Any]:
         """Held-out x raw float32 [<= batch_size, d_in] in a fixed order (all full but the last).
 
         with_truth=True yields (x, active_mask [rows, n_features]) from the synthetic ground truth.
@@ -468,8 +521,11 @@ class ActivationDataset:
             count += len(x)
         mean_norm = norm_sum / max(count, 1)
         if not mean_norm > 0:
-            raise DataError(self.path, f"the {count} train tokens read all have norm 0: cannot estimate a "
-                                       "scale factor (set data.scale_factor)")
+            raise DataError(
+                self.path,
+                f"the {count} train tokens read all have norm 0: cannot estimate a "
+                "scale factor (set data.scale_factor)",
+            )
         return math.sqrt(self.d_in) / mean_norm, mean_norm
 
     def sample(self, n_tokens: int) -> torch.Tensor:
@@ -492,8 +548,9 @@ class ActivationDataset:
         return x, torch.arange(first, first + span.rows)
 
 
-def _rebatch(pieces: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _rebatch(
+    pieces: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Regroup (x, rows) pieces into batches of exactly `size` rows, the last one possibly shorter."""
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
     filled = 0

@@ -70,7 +70,8 @@ class SyntheticParams:
         params = cls(**{f.name: _coerce(f.type, getattr(data_cfg, f.name)) for f in fields(cls)})
         if params.true_l0 > MAX_FIRING_PROB * params.n_features:
             raise ConfigError(
-                "data.true_l0", params.true_l0,
+                "data.true_l0",
+                params.true_l0,
                 f"at most {MAX_FIRING_PROB} * data.n_features ({MAX_FIRING_PROB * params.n_features:g})",
             )
         return params
@@ -126,8 +127,13 @@ def load_ground_truth(folder: str | os.PathLike[str]) -> GroundTruth:
         params = dict(f.metadata() or {})
     t = load_file(path)
     return GroundTruth(
-        features=t["features"], bias=t["bias"], firing_prob=t["firing_prob"], parent=t["parent"],
-        active_indptr=t["active_indptr"], active_indices=t["active_indices"], params=params,
+        features=t["features"],
+        bias=t["bias"],
+        firing_prob=t["firing_prob"],
+        parent=t["parent"],
+        active_indptr=t["active_indptr"],
+        active_indices=t["active_indices"],
+        params=params,
     )
 
 

@@ -23,4 +23,6 @@ class ReluSAE(SAE):
         f_BH = self.encode(x_BD)
         x_hat_BD = self.decode(f_BH)
         l1 = (f_BH.float() * self.dec_norms().float()).sum(-1).mean()
-        return SAEOutput(x_hat_BD, f_BH, mse_per_token(x_BD, x_hat_BD), l1, x_BD.new_zeros((), dtype=torch.float32))
+        return SAEOutput(
+            x_hat_BD, f_BH, mse_per_token(x_BD, x_hat_BD), l1, x_BD.new_zeros((), dtype=torch.float32)
+        )

@@ -2,8 +2,8 @@
 
 Decoder rows are kept at unit norm (the gradient component parallel to each row is removed before
 the step and rows are renormalised after it); W_enc starts as W_dec^T; b_dec (at the data mean,
-as for every architecture) is subtracted before encoding. AuxK reconstructs the main residual from the k_aux most
-active *dead* latents (silent for `aux_dead_tokens`), so dead latents keep receiving gradient.
+as for every architecture) is subtracted before encoding. AuxK reconstructs the main residual from
+the k_aux most active *dead* latents (silent for `aux_dead_tokens`), so they keep receiving gradient.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def _check_same_run(run_dir: Path, cfg_dict: dict[str, Any]) -> None:
     if _comparable(saved) != _comparable(cfg_dict):  # type: ignore[arg-type]
         diff = _first_difference(_comparable(saved), _comparable(cfg_dict))  # type: ignore[arg-type]
         raise ConfigError(
-            "hydra.run.dir", str(run_dir),
+            "hydra.run.dir",
+            str(run_dir),
             f"a directory without a different run in it: it holds a run whose {diff} — use another run "
             "directory, or delete that one to start over",
         )
@@ -182,7 +183,9 @@ class Trainer:
             raise ConfigError("model.k", cfg.model.k, f"at most hidden_dim ({self.hidden})")
         if cfg.batch_size > self.data.n_train_tokens:
             raise ConfigError(
-                "batch_size", cfg.batch_size, f"at most the {self.data.n_train_tokens} tokens of the train split"
+                "batch_size",
+                cfg.batch_size,
+                f"at most the {self.data.n_train_tokens} tokens of the train split",
             )
         self.l1_lambda = 0.0
         if arch in USES_SPARSITY_COEF:
@@ -220,8 +223,12 @@ class Trainer:
         else:
             log.info("estimating the scale factor on up to %d tokens", cfg.data.scale_tokens)
             self.scale_factor, self.raw_mean_norm = self.data.estimate_scale(cfg.data.scale_tokens)
-        log.info("raw mean norm %.4g, scale factor %.4g (E||x|| = sqrt(%d))", self.raw_mean_norm,
-                 self.scale_factor, d_in)
+        log.info(
+            "raw mean norm %.4g, scale factor %.4g (E||x|| = sqrt(%d))",
+            self.raw_mean_norm,
+            self.scale_factor,
+            d_in,
+        )
         sample = self.data.sample(min(INIT_SAMPLE_TOKENS, self.data.n_train_tokens)) * self.scale_factor
         self.sae.init_from_data(sample)
 
@@ -229,7 +236,8 @@ class Trainer:
         if _comparable(checkpoint["config"]) != _comparable(self.cfg_dict):
             diff = _first_difference(_comparable(checkpoint["config"]), _comparable(self.cfg_dict))
             raise ConfigError(
-                "hydra.run.dir", str(self.run_dir),
+                "hydra.run.dir",
+                str(self.run_dir),
                 f"the same config as its checkpoint.pt to resume, but {diff}; use another run directory",
             )
         self.sae.load_state_dict(checkpoint["model"])
@@ -254,17 +262,20 @@ class Trainer:
     def _checkpoint(self) -> None:
         self.state.interval_sums = self.sums.tolist()
         self.state.interval_steps = self.n_in_sums
-        write_checkpoint(self.run_dir, {
-            "config": self.cfg_dict,
-            "model": self.sae.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "dead": self.dead.state_dict(),
-            "state": self.state.__dict__,
-            "scale_factor": self.scale_factor,
-            "raw_mean_norm": self.raw_mean_norm,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        })
+        write_checkpoint(
+            self.run_dir,
+            {
+                "config": self.cfg_dict,
+                "model": self.sae.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "dead": self.dead.state_dict(),
+                "state": self.state.__dict__,
+                "scale_factor": self.scale_factor,
+                "raw_mean_norm": self.raw_mean_norm,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        )
 
     def _train_step(self, x_BD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         o = self.cfg.optimizer
@@ -296,8 +307,12 @@ class Trainer:
         self.n_in_sums = st.interval_steps
         last_checkpoint = time.monotonic()
         bar = tqdm(
-            total=self.total_steps, initial=st.step, disable=not cfg.train.progress, unit="step",
-            desc=f"{cfg.model.name} h={self.hidden}", dynamic_ncols=True,
+            total=self.total_steps,
+            initial=st.step,
+            disable=not cfg.train.progress,
+            unit="step",
+            desc=f"{cfg.model.name} h={self.hidden}",
+            dynamic_ncols=True,
         )
         try:
             with StopRequests() as stop:
@@ -306,8 +321,12 @@ class Trainer:
                         if not bool(torch.isfinite(self.sums).all()):
                             self._end_interval(log_every_steps, bar)  # raises TrainingDiverged
                         self._checkpoint()
-                        log.warning("stopped by %s at %d tokens; checkpoint written, re-run the same command "
-                                    "to resume", stop.requested, st.tokens_seen)
+                        log.warning(
+                            "stopped by %s at %d tokens; checkpoint written, re-run the same command "
+                            "to resume",
+                            stop.requested,
+                            st.tokens_seen,
+                        )
                         raise KeyboardInterrupt
                     self._one_step(batches, log_every_steps)
                     bar.update(1)
@@ -365,17 +384,22 @@ class Trainer:
     def _log_row(self, means: list[float]) -> None:
         st = self.state
         o = self.cfg.optimizer
-        st.curves.append({
-            "tokens": st.tokens_seen,
-            "step": st.step,
-            "lr": self.lr * lr_multiplier(st.step - 1, self.total_steps, o.lr_warmup_frac, o.lr_decay_frac),
-            "l1_lambda": sparsity_coefficient(st.step - 1, self.total_steps, self.l1_lambda, o.l1_warmup_frac),
-            "loss": means[0],
-            "mse": means[1],
-            "l0": means[2],
-            "dead_frac": self.dead.dead_frac(),
-            "tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds > 0 else float("nan"),
-        })
+        st.curves.append(
+            {
+                "tokens": st.tokens_seen,
+                "step": st.step,
+                "lr": self.lr
+                * lr_multiplier(st.step - 1, self.total_steps, o.lr_warmup_frac, o.lr_decay_frac),
+                "l1_lambda": sparsity_coefficient(
+                    st.step - 1, self.total_steps, self.l1_lambda, o.l1_warmup_frac
+                ),
+                "loss": means[0],
+                "mse": means[1],
+                "l0": means[2],
+                "dead_frac": self.dead.dead_frac(),
+                "tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds > 0 else float("nan"),
+            }
+        )
 
     # --- evaluation and outputs ---------------------------------------------------------------
     @torch.no_grad()
@@ -386,11 +410,15 @@ class Trainer:
         f1_acc = None
         metrics: dict[str, Any] = {}
         if truth is not None:
-            true_idx, latent_idx, abs_cos = match_features(truth.features, self.sae.W_dec.detach().float().cpu())
+            true_idx, latent_idx, abs_cos = match_features(
+                truth.features, self.sae.W_dec.detach().float().cpu()
+            )
             metrics["mcc"] = float(abs_cos.mean())
             f1_acc = F1Accumulator(true_idx.to(self.device), latent_idx.to(self.device))
         dec_norms = self.sae.dec_norms().float()
-        batches = self.data.test_batches(self.cfg.batch_size, self.cfg.train.eval_tokens, with_truth=truth is not None)
+        batches = self.data.test_batches(
+            self.cfg.batch_size, self.cfg.train.eval_tokens, with_truth=truth is not None
+        )
         for item in batches:
             x_raw, active = item if truth is not None else (item, None)
             x = x_raw.to(self.device) * self.scale_factor
@@ -413,26 +441,28 @@ class Trainer:
         st = self.state
         dead_frac = self.dead.dead_frac()
         metrics = dict(eval_metrics)
-        metrics.update({
-            "dead_frac": dead_frac,
-            "alive_frac": 1.0 - dead_frac,
-            "dead_window_tokens": self.dead.window_used(),
-            "tokens": st.tokens_seen,
-            "steps": st.step,
-            "tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds > 0 else float("nan"),
-            "train_seconds": st.train_seconds,
-            "resumed_from_tokens": self.resumed_from_tokens,
-            "architecture": self.cfg.model.name,
-            "d_in": self.data.d_in,
-            "hidden_dim": self.hidden,
-            "l1_lambda": self.l1_lambda if self.cfg.model.name in USES_SPARSITY_COEF else None,
-            "k": self.cfg.model.k,
-            "lr": self.lr,
-            "batch_size": self.cfg.batch_size,
-            "scale_factor": self.scale_factor,
-            "raw_mean_norm": self.raw_mean_norm,
-            "status": "completed",
-        })
+        metrics.update(
+            {
+                "dead_frac": dead_frac,
+                "alive_frac": 1.0 - dead_frac,
+                "dead_window_tokens": self.dead.window_used(),
+                "tokens": st.tokens_seen,
+                "steps": st.step,
+                "tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds > 0 else float("nan"),
+                "train_seconds": st.train_seconds,
+                "resumed_from_tokens": self.resumed_from_tokens,
+                "architecture": self.cfg.model.name,
+                "d_in": self.data.d_in,
+                "hidden_dim": self.hidden,
+                "l1_lambda": self.l1_lambda if self.cfg.model.name in USES_SPARSITY_COEF else None,
+                "k": self.cfg.model.k,
+                "lr": self.lr,
+                "batch_size": self.cfg.batch_size,
+                "scale_factor": self.scale_factor,
+                "raw_mean_norm": self.raw_mean_norm,
+                "status": "completed",
+            }
+        )
         return metrics
 
     def write_outputs(self, metrics: dict[str, Any]) -> None:
