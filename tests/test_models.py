@@ -85,7 +85,7 @@ def test_batchtopk_threshold_tracks_kept_activations():
     for _ in range(5):
         out = sae(x)
     kept_min = out.f[out.f > 0].min()
-    assert float(sae.threshold) == pytest.approx(float(kept_min), rel=1e-4)
+    assert float(sae.threshold) == pytest.approx(float(kept_min.detach()), rel=1e-4)
     sae.eval()
     # inference with the threshold gives about the training sparsity
     l0 = (sae.encode(x) > 0).sum(-1).float().mean().item()
