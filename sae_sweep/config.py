@@ -41,6 +41,7 @@ class ModelConfig:
     jump_bandwidth: float = 0.5  # jumprelu: straight-through estimator bandwidth (normalised units)
     jump_threshold_init: float = 0.5  # jumprelu: initial threshold of every latent (normalised units)
     threshold_momentum: float = 0.99  # batchtopk: EMA momentum of the inference threshold
+    sparse_kernels: bool = True  # topk: train through the k active latents only (false = dense reference)
 
 
 @dataclass
@@ -90,6 +91,50 @@ class TrainConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """`sweep.launcher=slurm`: each of `sweep.workers` worker jobs runs the sweep's worker loop (submitit)."""
+
+    partition: str | None = None  # SLURM partition; null = the cluster's default
+    account: str | None = None  # SLURM account; null = your default
+    qos: str | None = None  # SLURM quality of service; null = none
+    time_min: int = 240  # wall-clock limit of each worker job in minutes (a killed job's trial resumes)
+    cpus_per_task: int = 8  # CPU cores per worker job
+    gpus_per_node: int = 0  # GPUs per worker job
+    mem_gb: int = 32  # memory per worker job
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
+    log_dir: str | None = None  # submitit's job folder (scripts, logs); null = <sweep dir>/slurm
+    cluster: str = "slurm"  # submitit cluster: slurm, or local (runs the jobs here; for testing)
+    wait: bool = False  # wait for the jobs and print the table (else print the job ids and return)
+
+
+@dataclass
+class SweepConfig:
+    """`python -m sae_sweep -m key=a,b ...`: the sweep settings (section "Sweeps" of the README)."""
+
+    sampler: str = "auto"  # auto (grid if every swept key is a list, else tpe) | grid | tpe | nsga2 | random
+    study_name: str | None = None  # Optuna study name; null = derived from the command (same command, same study)
+    storage: str | None = None  # null = SQLite in the sweep dir; a postgresql/mysql URL; or a .journal/.log file
+    n_trials: int = 20  # Bayesian/random searches: trials in total, across restarts (grids run every point)
+    workers: int = 1  # worker processes this command starts (each takes the next trial of the shared study)
+    # what to optimise: metric names from metrics.json, each "name" or "name:minimize|maximize"
+    objectives: list[str] = field(default_factory=lambda: ["fvu", "l0"])
+    seed: int | None = None  # sampler seed (worker i uses seed + i); null = random
+    pruner: str = "auto"  # auto (median for Bayesian searches, none for grids) | median | none
+    pruner_startup_trials: int = 5  # median pruner: trials that must have reached a step before pruning there
+    pruner_warmup_rows: int = 10  # median pruner: curves.csv rows a trial trains before it can be pruned
+    heartbeat_s: int = 30  # seconds between a running trial's heartbeats
+    grace_s: int = 120  # a running trial without a heartbeat for this long is retried from its checkpoint
+    threads_per_worker: int | None = None  # torch threads per worker; null = cores // workers
+    launcher: str = "local"  # local (processes on this machine) | slurm (one job per worker, via submitit)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+SAMPLERS = ("auto", "grid", "tpe", "nsga2", "random")
+PRUNERS = ("auto", "median", "none")
+LAUNCHERS = ("local", "slurm")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -104,6 +149,7 @@ class Config:
     seed: int = 0  # seed of initialisation, data order and the held-out split
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     out_dir: str = MISSING  # run directory (set from hydra.run.dir by the CLI)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # used by `-m` sweeps only
 
 
 # Recipe defaults that depend on the architecture (DESIGN.md section 6).
@@ -143,7 +189,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 def keys_help() -> str:
     """Every config key with its documentation, for `--help`."""
     sections = [("", Config), ("model.", ModelConfig), ("data.", DataConfig), ("optimizer.", OptimizerConfig),
-                ("train.", TrainConfig)]
+                ("train.", TrainConfig), ("sweep.", SweepConfig), ("sweep.slurm.", SlurmConfig)]
     lines = []
     for prefix, cls in sections:
         for name, doc in _field_comments(cls).items():
@@ -262,6 +308,28 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("train.checkpoint_every_s", t.checkpoint_every_s)
     _positive("train.dead_window", t.dead_window)
     _positive("train.eval_tokens", t.eval_tokens, allow_none=True)
+
+
+def validate_sweep(s: SweepConfig | DictConfig) -> None:
+    """Check the `sweep.*` settings (the objectives are checked by the sweep driver, which knows the metrics)."""
+    if s.sampler not in SAMPLERS:
+        raise ConfigError("sweep", s.sampler, "one of " + ", ".join(SAMPLERS))
+    if s.pruner not in PRUNERS:
+        raise ConfigError("sweep.pruner", s.pruner, "one of " + ", ".join(PRUNERS))
+    if s.launcher not in LAUNCHERS:
+        raise ConfigError("sweep.launcher", s.launcher, "one of " + ", ".join(LAUNCHERS))
+    for key in ("n_trials", "workers", "heartbeat_s", "grace_s"):
+        _positive(f"sweep.{key}", getattr(s, key))
+    _positive("sweep.threads_per_worker", s.threads_per_worker, allow_none=True)
+    if s.grace_s <= s.heartbeat_s:
+        raise ConfigError("sweep.grace_s", s.grace_s, f"more than sweep.heartbeat_s ({s.heartbeat_s})")
+    if s.pruner_startup_trials < 1 or s.pruner_warmup_rows < 0:
+        key = "pruner_startup_trials" if s.pruner_startup_trials < 1 else "pruner_warmup_rows"
+        raise ConfigError(f"sweep.{key}", getattr(s, key), "a positive integer")
+    if not s.objectives:
+        raise ConfigError("sweep.objectives", list(s.objectives), "at least one metric name")
+    if s.study_name is not None and (not s.study_name or "/" in s.study_name or s.study_name in ("runs", "data")):
+        raise ConfigError("sweep.study_name", s.study_name, "a non-empty name without '/' other than runs or data")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

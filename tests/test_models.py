@@ -43,7 +43,8 @@ def test_topk_family_unit_decoder_and_sparsity(name, k):
     assert torch.allclose(sae.dec_norms(), torch.ones(64), atol=1e-5)
     x = torch.randn(32, 16)
     out = sae(x)
-    l0 = (out.f > 0).sum(-1).float()
+    l0 = (sae.encode(x) > 0).sum(-1).float() if name == "topk" else (out.f > 0).sum(-1).float()
+    assert out.l0.item() == pytest.approx(l0.mean().item())
     if name == "topk":
         assert (l0 <= k).all()
     else:  # batch-wide budget: k per token on average
@@ -55,7 +56,7 @@ def test_topk_family_unit_decoder_and_sparsity(name, k):
     assert radial.abs().max() < 1e-5
     with torch.no_grad():
         sae.W_dec.add_(0.3 * torch.randn_like(sae.W_dec))
-    sae.after_optimizer_step((out.f > 0).any(0), 32)
+    sae.after_optimizer_step(out.fired_H, 32)
     assert torch.allclose(sae.dec_norms(), torch.ones(64), atol=1e-5)
 
 
@@ -147,3 +148,55 @@ def test_load_sae_refuses_a_foreign_file(tmp_path):
         load_sae(tmp_path)
     with pytest.raises(DataError, match="no such SAE file"):
         load_sae(tmp_path / "missing")
+
+
+def _pair(d_in=24, hidden=96, k=5, seed=3):
+    sparse, dense = make("topk", k, d_in, hidden, seed), make("topk", k, d_in, hidden, seed)
+    dense.sparse_kernels = False
+    with torch.no_grad():  # non-trivial biases so every gradient path is exercised
+        for m in (sparse, dense):
+            m.b_dec.copy_(torch.linspace(-0.5, 0.5, d_in))
+            m.b_enc.copy_(torch.linspace(-0.2, 0.1, hidden))
+    return sparse, dense
+
+
+@pytest.mark.parametrize("dead", ["none", "some", "all"])
+def test_sparse_topk_path_matches_dense_loss_and_gradients(dead):
+    sparse, dense = _pair()
+    for m in (sparse, dense):
+        if dead == "some":
+            m.tokens_since_fired[::3] = m.aux_dead_tokens
+        elif dead == "all":
+            m.tokens_since_fired.fill_(m.aux_dead_tokens)
+    x = torch.randn(64, 24) * 2 + 0.3
+    outs = [m(x) for m in (sparse, dense)]
+    assert outs[0].f is None and outs[1].f is not None
+    for name in ("mse", "aux", "l0"):
+        assert torch.allclose(getattr(outs[0], name), getattr(outs[1], name), rtol=1e-5, atol=1e-6), name
+    assert torch.equal(outs[0].fired_H, outs[1].fired_H)
+    assert torch.allclose(outs[0].x_hat, outs[1].x_hat, atol=1e-5)
+    if dead != "none":
+        assert outs[0].aux.item() > 0
+    for out in outs:
+        (out.mse + out.aux).backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        g_sparse, g_dense = getattr(sparse, name).grad, getattr(dense, name).grad
+        assert torch.allclose(g_sparse, g_dense, rtol=1e-4, atol=1e-5), name
+
+
+def test_sparse_topk_trains_to_the_same_weights_as_dense():
+    sparse, dense = _pair()
+    x = torch.randn(256, 24) * 2
+    for m in (sparse, dense):
+        m.tokens_since_fired[::4] = m.aux_dead_tokens
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        for step in range(5):
+            out = m(x[step * 48 : (step + 1) * 48])
+            opt.zero_grad()
+            (out.mse + out.aux).backward()
+            m.before_optimizer_step()
+            opt.step()
+            m.after_optimizer_step(out.fired_H, 48)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(sparse, name), getattr(dense, name), atol=1e-5), name
+    assert torch.equal(sparse.tokens_since_fired, dense.tokens_since_fired)

@@ -35,7 +35,7 @@ def build_sae(model_cfg: Any, d_in: int, hidden: int, generator: torch.Generator
         )
     topk_args = (d_in, hidden, model_cfg.k, model_cfg.aux_k, model_cfg.aux_k_coef, model_cfg.aux_dead_tokens)
     if name == "topk":
-        return TopKSAE(*topk_args, generator=generator)
+        return TopKSAE(*topk_args, generator=generator, sparse_kernels=model_cfg.sparse_kernels)
     if name == "batchtopk":
         return BatchTopKSAE(*topk_args, generator=generator, threshold_momentum=model_cfg.threshold_momentum)
     raise ValueError(f"unknown architecture {name!r}")

@@ -21,10 +21,26 @@ from torch import Tensor, nn
 @dataclass
 class SAEOutput:
     x_hat: Tensor  # [B, D] reconstruction
-    f: Tensor  # [B, H] latents used for the reconstruction
+    f: Tensor | None  # [B, H] latents used for the reconstruction (None on sparse paths)
     mse: Tensor  # scalar: mean_t ||x - x_hat||^2
     sparsity: Tensor  # scalar penalty the trainer multiplies by l1_lambda (0 for the TopK family)
     aux: Tensor  # scalar auxiliary loss, already weighted (AuxK); 0 where unused
+    fired_H: Tensor  # bool [H]: latents that fired at least once in the batch
+    l0: Tensor  # scalar: mean_t #{i : f_i > 0}
+
+
+def dense_output(x_BD: Tensor, x_hat_BD: Tensor, f_BH: Tensor, sparsity: Tensor, aux: Tensor) -> SAEOutput:
+    """SAEOutput of an architecture that materialises the dense latents."""
+    active_BH = f_BH > 0
+    return SAEOutput(
+        x_hat_BD,
+        f_BH,
+        mse_per_token(x_BD, x_hat_BD),
+        sparsity,
+        aux,
+        fired_H=active_BH.any(0),
+        l0=active_BH.sum(-1).float().mean(),
+    )
 
 
 def mse_per_token(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sae_sweep.models.base import SAE, SAEOutput, mse_per_token
+from sae_sweep.models.base import SAE, SAEOutput, dense_output
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -83,7 +83,7 @@ class JumpReLUSAE(SAE):
         x_hat_BD = self.decode(f_BH)
         l0 = _Step.apply(pre_BH, threshold_H, self.bandwidth).float().sum(-1).mean()
         zero = x_BD.new_zeros((), dtype=torch.float32)
-        return SAEOutput(x_hat_BD, f_BH, mse_per_token(x_BD, x_hat_BD), l0, zero)
+        return dense_output(x_BD, x_hat_BD, f_BH, l0, zero)
 
     def inference_threshold(self) -> Tensor:
         return self.threshold()

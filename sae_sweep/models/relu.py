@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae_sweep.models.base import SAE, SAEOutput, mse_per_token
+from sae_sweep.models.base import SAE, SAEOutput, dense_output
 
 
 class ReluSAE(SAE):
@@ -23,6 +23,4 @@ class ReluSAE(SAE):
         f_BH = self.encode(x_BD)
         x_hat_BD = self.decode(f_BH)
         l1 = (f_BH.float() * self.dec_norms().float()).sum(-1).mean()
-        return SAEOutput(
-            x_hat_BD, f_BH, mse_per_token(x_BD, x_hat_BD), l1, x_BD.new_zeros((), dtype=torch.float32)
-        )
+        return dense_output(x_BD, x_hat_BD, f_BH, l1, x_BD.new_zeros((), dtype=torch.float32))

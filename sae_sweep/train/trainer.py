@@ -42,7 +42,7 @@ log = logging.getLogger("sae_sweep")
 
 # Settings that may change between the interrupted and the resuming command.
 _RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress")
-INIT_SAMPLE_TOKENS = 65_536
+INIT_SAMPLE_TOKENS = 16_384  # enough for the mean b_dec starts at; 200 MB at d_in 3072
 
 
 class RunStopped(SaeSweepError):
@@ -292,11 +292,9 @@ class Trainer:
         if o.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), o.grad_clip, foreach=True)
         self.optimizer.step()
-        fired_H = (out.f > 0).any(0)
-        self.sae.after_optimizer_step(fired_H, x_BD.shape[0])
-        self.dead.update(fired_H, x_BD.shape[0])
-        l0 = (out.f > 0).sum(-1).float().mean()
-        return loss.detach(), out.mse.detach(), l0.detach()
+        self.sae.after_optimizer_step(out.fired_H, x_BD.shape[0])
+        self.dead.update(out.fired_H, x_BD.shape[0])
+        return loss.detach(), out.mse.detach(), out.l0.detach()
 
     def run_loop(self) -> None:
         cfg, st = self.cfg, self.state
