@@ -66,6 +66,12 @@ def test_run_directory_contract(make_cfg):
         saved["scale_factor"]
     )
     assert float(meta["raw_mean_norm"]) * saved["scale_factor"] == pytest.approx(32**0.5, rel=0.05)
+    latents = json.loads((run / "density.json").read_text())
+    assert len(latents["density"]) == 128 and sum(latents["histogram"]["counts"]) <= 128
+    # per-latent ground-truth scores: each of the 96 true features matched to one latent
+    matched = [i for i, f in enumerate(latents["matched_feature"]) if f is not None]
+    assert len(matched) == 96 and len({latents["matched_feature"][i] for i in matched}) == 96
+    assert saved["f1"] == pytest.approx(sum(latents["f1"][i] for i in matched) / 96, rel=1e-5)
 
 
 def test_saved_sae_applies_to_raw_activations(make_cfg):

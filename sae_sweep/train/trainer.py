@@ -407,6 +407,7 @@ class Trainer:
         truth = self.data.ground_truth
         f1_acc = None
         metrics: dict[str, Any] = {}
+        self.latents: dict[str, list[Any]] = {}  # per-latent ground-truth scores, aligned to latent index
         if truth is not None:
             true_idx, latent_idx, abs_cos = match_features(
                 truth.features, self.sae.W_dec.detach().float().cpu()
@@ -429,6 +430,17 @@ class Trainer:
         if f1_acc is not None:
             f1 = f1_acc.compute()
             metrics["f1"] = float(f1["f1_mean"])
+            self.latents = _per_latent(
+                self.hidden,
+                latent_idx,
+                {
+                    "matched_feature": true_idx,
+                    "match_cos": abs_cos,
+                    "f1": f1["f1"],
+                    "precision": f1["precision"],
+                    "recall": f1["recall"],
+                },
+            )
         sparsity = metrics["l0"] if self.cfg.model.name == "jumprelu" else metrics["l1"]
         metrics["loss"] = metrics["mse"] + self.l1_lambda * sparsity
         self.density = acc.density().cpu()
@@ -467,8 +479,23 @@ class Trainer:
         save_sae(self.sae, self.run_dir / "sae.safetensors", self.scale_factor, self.raw_mean_norm)
         write_curves(self.run_dir / "curves.csv", self.state.curves)
         hist = density_histogram(self.density)
-        _write_json(self.run_dir / "density.json", {"density": self.density.tolist(), "histogram": hist})
+        _write_json(
+            self.run_dir / "density.json",
+            {"density": self.density.tolist(), "histogram": hist, **self.latents},
+        )
         _write_json(self.run_dir / "metrics.json", metrics)
+
+
+def _per_latent(hidden: int, latent_idx: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Spread per-matched-pair values onto latent positions (None for latents matched to no feature)."""
+    out: dict[str, list] = {}
+    positions = latent_idx.tolist()
+    for name, vals in values.items():
+        column: list[Any] = [None] * hidden
+        for pos, v in zip(positions, vals.tolist(), strict=True):
+            column[pos] = v
+        out[name] = column
+    return out
 
 
 def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
