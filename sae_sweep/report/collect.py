@@ -1,0 +1,518 @@
+"""One DataFrame from one or more sweep directories (DESIGN section 4).
+
+The trial directories are the source of truth (config.yaml flattened + metrics.json); the Optuna
+study, when the sweep directory holds its storage, adds each trial's state, params and duration, and
+rows for trials that never wrote a directory. Nothing here needs the sweep code, so it also reads a
+folder of run directories copied by hand, or a sweep that is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+from tqdm import tqdm  # not tqdm.auto: it warns on import in notebooks without ipywidgets
+
+from sae_sweep.config import DEFAULT_L1_LAMBDA, USES_SPARSITY_COEF, default_lr
+
+# DESIGN section 5, in its order: the held-out metrics of a completed run.
+METRICS = (
+    "mse",
+    "fvu",
+    "explained_variance",
+    "l0",
+    "l1",
+    "loss",
+    "dead_frac",
+    "alive_frac",
+    "dense_frac",
+    "pct_active_batch",
+    "cos_sim",
+    "l2_ratio",
+    "tokens_per_s",
+    "mcc",
+    "f1",
+)
+# A stopped run's metrics.json is its last curves.csv row: these were measured on training batches,
+# so they get a `last_train_` prefix rather than pass for held-out metrics.
+TRAIN_ROW_KEYS = ("loss", "mse", "l0", "dead_frac")
+# ... and these are the schedule's values at the stop (warm-up, decay), not the run's settings.
+SCHEDULE_KEYS = ("lr", "l1_lambda", "step")
+# Config keys that are no hyperparameter even when they differ between trials (nor is sweep.*).
+NOT_PARAMS = ("out_dir", "train.progress", "device")
+# Swept-parameter order in tables and plots: the notes' columns first.
+PARAM_ORDER = (
+    "architecture",
+    "model.k",
+    "l1_lambda",
+    "lr",
+    "batch_size",
+    "hidden_dim",
+    "tokens_budget",
+    "epochs",
+    "seed",
+)
+# Config keys renamed in the frame: `tokens` is the budget in config.yaml but tokens seen in metrics.json.
+RENAMED_CONFIG = {"tokens": "tokens_budget", "model.name": "architecture"}
+# Sweep overrides that name a config group rather than a key.
+GROUP_PARAMS = {"model": "architecture", "data": "data.kind", "optimizer": "optimizer.name"}
+STATE_STATUS = {
+    "COMPLETE": "completed",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
+}
+RDB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+JOURNAL_SUFFIXES = (".journal", ".log")
+COMPLETED = "completed"
+# The keys of a metrics.json (section 5 plus the trainer's run facts): what a study's user attrs may fill.
+RECORD_KEYS = {
+    *METRICS,
+    *TRAIN_ROW_KEYS,
+    "status",
+    "reason",
+    "tokens",
+    "steps",
+    "train_seconds",
+    "dead_window_tokens",
+    "n_eval_tokens",
+    "resumed_from_tokens",
+    "d_in",
+    "hidden_dim",
+    "l1_lambda",
+    "lr",
+    "batch_size",
+    "scale_factor",
+    "raw_mean_norm",
+}
+
+
+# --- Pareto front ----------------------------------------------------------------------------------
+
+
+def pareto_mask(l0: Sequence[float], fvu: Sequence[float]) -> np.ndarray:
+    """True where no other point is at least as good on both (lower l0, lower fvu) and better on one.
+
+    NaN points are never on the front and never dominate. Sorting by l0 makes it O(n log n): a point
+    is on the front iff it has the lowest fvu among its equal-l0 group and beats every lower-l0 point.
+    """
+    l0_a, fvu_a = np.asarray(l0, dtype=float), np.asarray(fvu, dtype=float)
+    mask = np.zeros(len(l0_a), dtype=bool)
+    valid = np.flatnonzero(np.isfinite(l0_a) & np.isfinite(fvu_a))
+    order = valid[np.lexsort((fvu_a[valid], l0_a[valid]))]
+    best_before = math.inf  # lowest fvu among points with strictly lower l0
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and l0_a[order[j]] == l0_a[order[i]]:
+            j += 1
+        group_best = fvu_a[order[i]]  # sorted by fvu within equal l0
+        if group_best < best_before:
+            group = order[i:j]
+            mask[group[fvu_a[group] == group_best]] = True
+        best_before = min(best_before, group_best)
+        i = j
+    return mask
+
+
+def add_pareto(df: pd.DataFrame) -> pd.DataFrame:
+    """The `pareto` column: on its own sweep's L0-FVU front, among completed trials only."""
+    df["pareto"] = False
+    done = df["status"].eq(COMPLETED)
+    for _, idx in df[done].groupby("sweep", sort=False).groups.items():
+        part = df.loc[idx]
+        df.loc[idx, "pareto"] = pareto_mask(part["l0"], part["fvu"])
+    df["pareto"] = df["pareto"].astype(bool)
+    return df
+
+
+# --- reading one run directory ---------------------------------------------------------------------
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'name': 'relu'}} -> {'model.name': 'relu'}; lists become their string form."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value) if isinstance(value, list | tuple) else value
+    return out
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    flat = flatten(tree)  # type: ignore[arg-type]
+    return {RENAMED_CONFIG.get(k, k): v for k, v in flat.items()}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):  # being rewritten by a live run: treat as not there yet
+        return {}
+
+
+def _metric_columns(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json as frame columns; a stopped run's training-batch values renamed (see TRAIN_ROW_KEYS)."""
+    out = {k: v for k, v in metrics.items() if k not in ("k", "architecture")}  # config has both
+    if out.get("status", COMPLETED) != COMPLETED:
+        for key in SCHEDULE_KEYS:
+            out.pop(key, None)
+        for key in TRAIN_ROW_KEYS:
+            if key in out:
+                out[f"last_train_{key}"] = out.pop(key)
+    return out
+
+
+def _resolve_defaults(row: dict[str, Any]) -> None:
+    """Fill null l1_lambda / lr / hidden_dim (the recipe's value) so that rows group and plot by value.
+
+    A completed run's metrics.json holds the value it used; for others the recipe is recomputed.
+    """
+    arch = row.get("architecture")
+    d_in = row.get("d_in") or (row.get("data.d_in") if row.get("data.kind") == "synthetic" else None)
+    if row.get("hidden_dim") is None and d_in:
+        row["hidden_dim"] = 8 * int(d_in)
+    if row.get("l1_lambda") is None and arch in USES_SPARSITY_COEF:
+        row["l1_lambda"] = DEFAULT_L1_LAMBDA[arch]
+    if row.get("lr") is None and arch and d_in and row.get("hidden_dim"):
+        row["lr"] = default_lr(arch, int(d_in), int(row["hidden_dim"]))
+
+
+def read_run_dir(run_dir: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row from a run directory: its flattened config, metrics and status (see DESIGN section 4).
+
+    A directory without metrics.json is a run in progress ("running" when it has a checkpoint to
+    resume from) or one that died before its first checkpoint ("started").
+    """
+    row: dict[str, Any] = dict(read_config(run_dir) if config is None else config)
+    metrics = read_json(run_dir / "metrics.json")
+    if metrics:
+        row.update(_metric_columns(metrics))
+    else:
+        row["status"] = "running" if (run_dir / "checkpoint.pt").is_file() else "started"
+    _resolve_defaults(row)
+    start, end = run_dir / "config.yaml", run_dir / "metrics.json"
+    if start.is_file() and end.is_file():  # config.yaml is written at start, metrics.json at the end
+        row["duration_s"] = max(0.0, end.stat().st_mtime - start.stat().st_mtime)
+    row["run_dir"] = str(run_dir)
+    return row
+
+
+# --- the Optuna study ------------------------------------------------------------------------------
+
+
+def find_storage(sweep_dir: Path) -> Path | None:
+    """The study storage file in a sweep directory (SQLite, or an Optuna journal file), if any."""
+    preferred = sweep_dir / "study.db"
+    if preferred.is_file():
+        return preferred
+    files = sorted(p for p in sweep_dir.iterdir() if p.is_file())
+    for suffix in (*RDB_SUFFIXES, *JOURNAL_SUFFIXES):  # a stray .log file last
+        for path in files:
+            if path.suffix == suffix:
+                return path
+    return None
+
+
+def open_storage(spec: str | Path) -> Any:
+    """An Optuna storage from a file path (SQLite, journal) or a database URL; SQLite files read-only,
+    so a report never writes to (or locks) a live sweep's storage."""
+    import optuna
+
+    text = str(spec)
+    if "://" in text and not text.startswith("sqlite:///"):
+        return optuna.storages.RDBStorage(text, skip_compatibility_check=True, skip_table_creation=True)
+    path = Path(text.removeprefix("sqlite:///"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such study storage")
+    if path.suffix in JOURNAL_SUFFIXES:
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+    return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
+
+
+def _pick_study(names: list[str], wanted: Sequence[str | None], where: str) -> str | None:
+    if len(names) <= 1:
+        return names[0] if names else None
+    for name in wanted:
+        if name in names:
+            return name
+    raise ValueError(f"{where} holds studies {names}: name one (--study NAME / study_name=...)")
+
+
+def load_trials(
+    sweep_dir: Path,
+    study_name: str | None = None,
+    storage: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+) -> tuple[str | None, list[Any]]:
+    """(study name, frozen trials) of the sweep's study; (None, []) when there is none to read.
+
+    The storage is `storage` if given, else a storage file in the sweep directory, else the
+    `sweep.storage` a trial's config recorded (a shared journal file or a database server). The study
+    is `study_name`, else the only one, else the config's `sweep.study_name`, else the directory's name.
+    A storage found (not given) that cannot be read is skipped with a warning: the trial directories
+    still make a report.
+    """
+    import optuna
+
+    config = config or {}
+    spec = storage or find_storage(sweep_dir) or config.get("sweep.storage")
+    if not spec:
+        return None, []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        opened = open_storage(spec)
+        names = optuna.study.get_all_study_names(opened)
+    except Exception as err:  # noqa: BLE001 - any storage failure: fall back to the directories
+        if storage:
+            raise
+        warnings.warn(
+            f"cannot read the study storage {spec} ({err}); using the trial directories only", stacklevel=2
+        )
+        return None, []
+    name = study_name or _pick_study(names, [config.get("sweep.study_name"), sweep_dir.name], str(spec))
+    if name is None:
+        return None, []
+    return name, optuna.load_study(study_name=name, storage=opened).get_trials(deepcopy=False)
+
+
+def param_column(name: str) -> str:
+    """The frame column of a sweep parameter (an override key as the user typed it)."""
+    return GROUP_PARAMS.get(name, RENAMED_CONFIG.get(name, name))
+
+
+def study_columns(trial: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"state": trial.state.name}
+    if trial.datetime_start is not None:
+        row["datetime_start"] = trial.datetime_start.isoformat(timespec="seconds")
+    if trial.duration is not None:
+        row["duration_s"] = trial.duration.total_seconds()
+    return row
+
+
+def _trial_run_dir(sweep_dir: Path, number: int, trial: Any) -> Path | None:
+    default = sweep_dir / "trials" / str(number)
+    if default.is_dir():
+        return default
+    recorded = trial.user_attrs.get("run_dir") if trial is not None else None
+    if recorded:
+        for candidate in (Path(recorded), sweep_dir / recorded):
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def _from_study(trial: Any) -> dict[str, Any]:
+    """What the study knows of a trial: its params, and the metrics.json keys among its user attrs
+    (the rest are the sweep's bookkeeping). Run directories override these where they exist."""
+    row = {param_column(k): v for k, v in trial.params.items()}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in RECORD_KEYS}
+    row.update(_metric_columns(attrs))
+    return row
+
+
+# --- one sweep, then several -------------------------------------------------------------------------
+
+
+def trial_numbers(sweep_dir: Path) -> dict[int, Path]:
+    trials = sweep_dir / "trials"
+    if not trials.is_dir():
+        return {}
+    return {int(p.name): p for p in trials.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def ordered_params(names: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    known = [p for p in PARAM_ORDER if p in names]
+    return known + sorted(n for n in names if n not in PARAM_ORDER)
+
+
+def _differing_config(df: pd.DataFrame, config_cols: set[str]) -> list[str]:
+    cols = [c for c in config_cols if c in df and c not in NOT_PARAMS and not c.startswith("sweep.")]
+    return [c for c in cols if df[c].astype(str).where(df[c].notna()).nunique() > 1]
+
+
+def _status(trial: Any, run_dir: Path | None, row: dict[str, Any]) -> str:
+    """metrics.json's verdict, else the status the sweep recorded (e.g. interrupted), else the state."""
+    if run_dir is not None and (run_dir / "metrics.json").is_file():
+        return row["status"]
+    recorded = trial.user_attrs.get("status")
+    return (
+        recorded
+        if isinstance(recorded, str)
+        else STATE_STATUS.get(trial.state.name, trial.state.name.lower())
+    )
+
+
+def collect_sweep(
+    sweep_dir: Path,
+    name: str,
+    study_name: str | None = None,
+    storage: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, list[str]]:
+    """(rows of one sweep, its swept parameters)."""
+    dirs = trial_numbers(sweep_dir)
+    configs = {n: read_config(d) for n, d in dirs.items()}
+    first = next((c for c in configs.values() if c), {})
+    study, trials = load_trials(sweep_dir, study_name, storage, first)
+    by_number = {t.number: t for t in trials}
+    rows = []
+    numbers = sorted(set(dirs) | set(by_number))
+    for number in tqdm(numbers, desc=f"collect {name}", unit="trial", disable=not progress or None):
+        trial = by_number.get(number)
+        run_dir = dirs.get(number) or _trial_run_dir(sweep_dir, number, trial)
+        row: dict[str, Any] = {"sweep": name, "trial": number}
+        if trial is not None:
+            row.update(_from_study(trial))
+        if run_dir is not None:
+            row.update(read_run_dir(run_dir, configs.get(number)))
+        if trial is not None:
+            row.update(study_columns(trial))  # Optuna's clock beats file times
+            row["study"] = study
+            row["status"] = _status(trial, run_dir, row)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else ["sweep", "trial", "status"])
+    if study is not None and trials:
+        swept = [param_column(p) for t in trials for p in t.params]
+    else:
+        swept = _differing_config(df, {k for c in configs.values() for k in c})
+    return df, ordered_params(swept)
+
+
+def sweep_names(dirs: Sequence[Path]) -> list[str]:
+    """Short names that tell the sweeps apart: the directory name, with its parent if names clash."""
+    names = [d.resolve().name for d in dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{d.resolve().parent.name}/{d.resolve().name}" for d in dirs]
+
+
+def _numeric(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns whose values are all numbers (None aside) become float, so NaN marks missing."""
+    for col in df.columns:
+        if df[col].dtype == object:
+            values = df[col].dropna()
+            if len(values) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    return df
+
+
+def column_order(df: pd.DataFrame, swept: list[str]) -> list[str]:
+    head = ["sweep", "trial", "status", "state", "pareto", *swept, *METRICS]
+    run = [
+        "tokens",
+        "steps",
+        "duration_s",
+        "train_seconds",
+        "dead_window_tokens",
+        "n_eval_tokens",
+        "resumed_from_tokens",
+        "architecture",
+        "d_in",
+        "hidden_dim",
+        "l1_lambda",
+        "lr",
+        "batch_size",
+        "model.k",
+        "scale_factor",
+        "raw_mean_norm",
+    ]
+    head += run + sorted(c for c in df if c.startswith("last_train_"))
+    tail = ["reason", "study", "datetime_start", "run_dir"]
+    seen = list(dict.fromkeys(c for c in head if c in df and c not in tail))
+    config = sorted(c for c in df if c not in seen and c not in tail)
+    return seen + config + [c for c in tail if c in df]
+
+
+def collect(
+    sweep_dirs: str | Path | Sequence[str | Path],
+    study_name: str | None = None,
+    progress: bool = True,
+    storage: str | Path | None = None,
+) -> pd.DataFrame:
+    """One row per trial of every sweep directory given, with a `pareto` column (see module docstring).
+
+    `df.attrs["swept"]` lists the swept parameters (the study's params, else the config keys whose
+    values differ between trials); `df.attrs["sweeps"]` maps each sweep's name to its directory.
+    Metrics a trial lacks (pruned, diverged, collapsed, still running) are NaN. `study_name` and
+    `storage` are needed only where they cannot be found (see load_trials).
+    """
+    if isinstance(sweep_dirs, str | Path):
+        sweep_dirs = [sweep_dirs]
+    dirs = [Path(d) for d in sweep_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such sweep directory")
+    frames, swept = [], []
+    for d, name in zip(dirs, sweep_names(dirs), strict=True):
+        frame, params = collect_sweep(d, name, study_name, storage, progress)
+        frames.append(frame)
+        swept += params
+    df = (
+        pd.concat([f for f in frames if len(f)], ignore_index=True)
+        if any(len(f) for f in frames)
+        else frames[0]
+    )
+    df = _numeric(df)
+    for col in METRICS:
+        if col not in df:
+            df[col] = np.nan
+    df = add_pareto(df)
+    swept = ordered_params(swept)
+    df = df[column_order(df, swept)].reset_index(drop=True)
+    df.attrs["swept"] = swept
+    df.attrs["sweeps"] = {name: str(d) for d, name in zip(dirs, sweep_names(dirs), strict=True)}
+    return df
+
+
+# --- per-trial files for plots and notebooks ---------------------------------------------------------
+
+
+def load_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Every trial's curves.csv stacked, with `sweep` and `trial` columns (empty frame if none)."""
+    parts = []
+    for row in df.itertuples(index=False):
+        path = Path(str(row.run_dir)) / "curves.csv" if isinstance(row.run_dir, str) else None
+        if path is not None and path.is_file():
+            curves = pd.read_csv(path)
+            curves.insert(0, "trial", row.trial)
+            curves.insert(0, "sweep", row.sweep)
+            parts.append(curves)
+    return (
+        pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["sweep", "trial", "tokens"])
+    )
+
+
+def load_density(run_dir: str | Path) -> dict[str, Any]:
+    """density.json of a completed run: per-latent `density` and the log10 `histogram`; {} if absent."""
+    return read_json(Path(run_dir) / "density.json")
+
+
+def latest_sweep(root: str | Path = "outputs") -> Path:
+    """The most recently changed sweep directory (one holding trials/) under root."""
+    candidates = [p.parent for p in Path(root).glob("*/trials") if p.is_dir()]
+    if not candidates:
+        raise FileNotFoundError(f"no sweep directory (a folder holding trials/) under {root}")
+    return max(
+        candidates, key=lambda p: max((c.stat().st_mtime for c in (p / "trials").iterdir()), default=0)
+    )
