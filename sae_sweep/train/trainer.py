@@ -555,6 +555,11 @@ def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> dict[str, An
         remove_checkpoint(run_dir)
         raise
     metrics = trainer.final_metrics(trainer.evaluate())
+    if trainer.cfg.eval.lm.enabled:
+        from sae_sweep.lm_eval import lm_eval_metrics
+
+        data_path = trainer.cfg.data.path if trainer.cfg.data.kind == "shards" else None
+        metrics.update(lm_eval_metrics(trainer.sae, trainer.cfg.eval.lm, data_path, trainer.scale_factor))
     trainer.write_outputs(metrics)
     remove_checkpoint(run_dir)
     return metrics

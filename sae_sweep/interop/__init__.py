@@ -1,0 +1,1 @@
+"""Import and export of SAEs in other tools' on-disk layouts (SAELens: `sae_sweep.interop.saelens`)."""

@@ -1,0 +1,242 @@
+"""Score an SAE by the language model's own loss: splice its reconstruction into the forward pass.
+
+On held-out text (the documents a harvest kept out of its shards) a causal LM is run three ways:
+clean; with the hooked layer's output replaced by zeros (zero ablation); and replaced by the SAE's
+reconstruction. Only the positions the SAE was trained on are replaced (padding and a dropped BOS keep
+their clean values), so the three differ exactly where the SAE is responsible. Then
+
+    ce_loss_score = (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean)   (1 = lossless)
+    delta_lm_loss = CE_sae - CE_clean                                             (nats per token)
+
+with CE the mean next-token cross-entropy over real (non-padding) tokens. The SAE applies to raw
+activations as saved (`sae.safetensors` folds the scale in). The clean and zero-ablation losses do
+not depend on the SAE and are computed once per process for each setting, so a sweep pays for them
+once per worker.
+
+    python -m sae_sweep.lm_eval RUN_DIR [harvest=DIR] [tokens=N] [batch_size=N] [device=cpu]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor, nn
+
+from sae_sweep.errors import ConfigError, SaeSweepError
+
+# The harvest modules are imported where used: sae_sweep.config can then import LMEvalConfig from
+# here without an import cycle (the harvest config reuses sae_sweep.config's field-comment parser).
+if TYPE_CHECKING:
+    from sae_sweep.harvest.hooks import LayerSite
+    from sae_sweep.harvest.text import Batch, Framing
+
+
+@dataclass
+class LMEvalConfig:
+    enabled: bool = False  # compute ce_loss_score and delta_lm_loss (causal LMs only; costs LM forwards)
+    # a harvest folder whose manifest.json names the model, layer, hook and text; null = the run's data.path
+    harvest: str | None = None
+    model: str | None = None  # override the manifest's model (a local folder or a cached name)
+    layer: int | None = None  # override the manifest's layer
+    hook: str | None = None  # override the manifest's hook: resid_post | mlp_out | attn_out
+    text: str | None = None  # override the manifest's text; its held-out documents are used
+    tokens: int = 16_384  # held-out tokens whose next-token loss is averaged
+    batch_size: int = 8  # sequences per forward pass
+    device: str = "auto"  # auto | cpu | cuda: where the language model runs
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Everything that decides which tokens are evaluated, and how."""
+
+    model: str
+    layer: int
+    hook: str
+    text: str
+    text_field: str
+    holdout_fraction: float
+    context_length: int
+    dtype: str
+    drop_bos: bool
+    prepend_bos: bool
+    tokens: int
+    batch_size: int
+    device: str
+
+
+def _settings(lm_cfg: Any, harvest_dir: str | Path | None) -> _Settings:
+    """lm_cfg's values, the harvest manifest's where lm_cfg leaves them null, then harvest defaults."""
+    from sae_sweep.harvest import read_manifest
+    from sae_sweep.harvest.config import HarvestConfig
+
+    folder = getattr(lm_cfg, "harvest", None) or harvest_dir
+    manifest = read_manifest(folder) if folder else None
+    if folder and manifest is None and not getattr(lm_cfg, "model", None):
+        allowed = "a harvest folder holding manifest.json (from python -m sae_sweep.harvest)"
+        raise ConfigError("eval.lm.harvest", str(folder), allowed)
+    from_manifest = dict((manifest or {}).get("settings", {}))
+    defaults = asdict(HarvestConfig(model="", layer=0, out=""))
+    values: dict[str, Any] = {}
+    for f in fields(_Settings):
+        given = getattr(lm_cfg, f.name, None)
+        values[f.name] = given if given is not None else from_manifest.get(f.name, defaults.get(f.name))
+    for key in ("model", "layer"):
+        if values[key] in (None, ""):
+            allowed = "a value, or a harvest folder (eval.lm.harvest) whose manifest names it"
+            raise ConfigError(f"eval.lm.{key}", None, allowed)
+    return _Settings(**values)
+
+
+# One model at a time stays loaded: a sweep worker evaluates many SAEs against the same model.
+_LOADED: dict[tuple[str, str, str], tuple[nn.Module, Any]] = {}
+_BASELINES: dict[_Settings, tuple[float, float, int]] = {}
+
+
+def _model(s: _Settings) -> tuple[nn.Module, Any]:
+    from sae_sweep.harvest.hooks import is_causal_lm, load_model
+
+    key = (s.model, s.dtype, s.device)
+    if key not in _LOADED:
+        _LOADED.clear()
+        model, tokenizer, _ = load_model(s.model, causal_lm=True, dtype=s.dtype, device=s.device)
+        if not is_causal_lm(model.config):
+            archs = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+            raise ConfigError("eval.lm.model", s.model, f"a causal language model (this one is {archs})")
+        _LOADED[key] = (model, tokenizer)
+    return _LOADED[key]
+
+
+def _heldout_batches(s: _Settings, tokenizer: Any, frame: Framing) -> list[Batch]:
+    from sae_sweep.harvest.text import batches, resolve_text
+
+    source = resolve_text(s.text, s.text_field, s.holdout_fraction)
+    out, n = [], 0
+    docs = source.documents("heldout")
+    for batch in batches(docs, tokenizer, frame, s.context_length, s.batch_size, s.drop_bos):
+        out.append(batch)
+        n += int(_targets(batch.attention_mask).sum())
+        if n >= s.tokens:
+            break
+    if not out:
+        allowed = "text with held-out documents (harvest with holdout_fraction > 0 over more documents)"
+        raise ConfigError("eval.lm.text", s.text, allowed)
+    return out
+
+
+def _targets(mask: Tensor) -> Tensor:
+    """[B, T-1]: positions whose next token is real (both it and the next are not padding)."""
+    return mask[:, 1:].bool() & mask[:, :-1].bool()
+
+
+def _ce_sum(
+    model: nn.Module, site: LayerSite, batch: Batch, replace: Callable[[Tensor], Tensor] | None
+) -> tuple[float, int]:
+    """(summed next-token cross-entropy, token count) with the site's output optionally replaced."""
+    from sae_sweep.harvest.hooks import hooked
+
+    device = next(model.parameters()).device
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    keep = batch.keep.to(device)[..., None]
+    splice = None if replace is None else (lambda out: torch.where(keep, replace(out), out))
+    with hooked(site.module, splice) if splice else nullcontext(), torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    valid = _targets(mask)
+    losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return float(losses[valid.flatten()].sum()), int(valid.sum())
+
+
+def _reconstruct(sae: nn.Module, input_scale: float) -> Callable[[Tensor], Tensor]:
+    sae_device = next(sae.parameters()).device
+
+    def run(out: Tensor) -> Tensor:
+        x = out.to(sae_device, torch.float32) * input_scale
+        return (sae.decode(sae.encode(x)) / input_scale).to(out.device, out.dtype)
+
+    return run
+
+
+def check_lm_eval(lm_cfg: Any, harvest_dir: str | Path | None = None) -> None:
+    """Fail before training, without loading the model: settings, model location and text must resolve."""
+    from sae_sweep.harvest.config import HOOKS
+    from sae_sweep.harvest.hooks import resolve_model
+    from sae_sweep.harvest.text import resolve_text
+
+    s = _settings(lm_cfg, harvest_dir)
+    resolve_model(s.model)
+    resolve_text(s.text, s.text_field, s.holdout_fraction)
+    if s.hook not in HOOKS:
+        raise ConfigError("eval.lm.hook", s.hook, "one of " + ", ".join(HOOKS))
+    if s.tokens < 1 or s.batch_size < 1:
+        raise ConfigError("eval.lm.tokens", s.tokens, "tokens and batch_size positive integers")
+
+
+def lm_eval_metrics(
+    sae: nn.Module, lm_cfg: Any, harvest_dir: str | Path | None = None, input_scale: float = 1.0
+) -> dict[str, float]:
+    """ce_loss_score, delta_lm_loss and the three losses for an SAE with encode/decode.
+
+    lm_cfg: an LMEvalConfig (or any object/DictConfig with its fields); harvest_dir: the harvest folder
+    to read model/layer/hook/text from when lm_cfg.harvest is null (the trainer passes data.path).
+    input_scale: 1 for a saved SAE (load_sae: raw activations); the scale factor for a model still in
+    training, which works on raw activations * scale (its reconstruction is divided by it again).
+    """
+    from sae_sweep.harvest.hooks import find_site
+    from sae_sweep.harvest.text import framing
+
+    s = _settings(lm_cfg, harvest_dir)
+    model, tokenizer = _model(s)
+    site = find_site(model, s.layer, s.hook)
+    frame = framing(tokenizer, s.prepend_bos)
+    held = _heldout_batches(s, tokenizer, frame)
+    if s not in _BASELINES:
+        clean = [_ce_sum(model, site, b, None) for b in held]
+        zero = [_ce_sum(model, site, b, torch.zeros_like) for b in held]
+        n = sum(c for _, c in clean)
+        _BASELINES[s] = (sum(v for v, _ in clean) / n, sum(v for v, _ in zero) / n, n)
+    ce_clean, ce_zero, n = _BASELINES[s]
+    recon = _reconstruct(sae, input_scale)
+    ce_sae = sum(_ce_sum(model, site, b, recon)[0] for b in held) / n
+    span = ce_zero - ce_clean
+    return {
+        "ce_loss_score": (ce_zero - ce_sae) / span if span != 0 else float("nan"),
+        "delta_lm_loss": ce_sae - ce_clean,
+        "ce_loss_clean": ce_clean,
+        "ce_loss_sae": ce_sae,
+        "ce_loss_zero_ablation": ce_zero,
+        "lm_eval_tokens": n,
+    }
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[-1].strip())
+        return 0
+    from sae_sweep.models import load_sae
+
+    run_dir = Path(argv[0])
+    try:
+        overrides = OmegaConf.from_dotlist(argv[1:])
+        lm_cfg = OmegaConf.merge(OmegaConf.structured(LMEvalConfig), overrides)
+        harvest_dir = None
+        if (run_dir / "config.yaml").is_file():
+            harvest_dir = OmegaConf.load(run_dir / "config.yaml").get("data", {}).get("path")
+        metrics = lm_eval_metrics(load_sae(run_dir), lm_cfg, harvest_dir)
+    except (SaeSweepError, OmegaConfBaseException) as err:
+        print(f"sae_sweep.lm_eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
