@@ -1,4 +1,4 @@
-"""CLI: `python -m sae_sweep [key=value ...]` trains one SAE (see `--help`)."""
+"""CLI: `python -m sae_sweep [key=value ...]` trains one SAE (see `--help`); `-m` runs a sweep."""
 
 from __future__ import annotations
 
@@ -44,5 +44,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        # Sweeps use our Optuna driver, not Hydra's BasicSweeper (see sae_sweep/sweep).
+        from sae_sweep.sweep.driver import main as sweep_main
+
+        sys.exit(sweep_main(sys.argv[1:]))
     _register()
     main()

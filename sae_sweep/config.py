@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sae_sweep.errors import ConfigError
+from sae_sweep.lm_eval import LMEvalConfig
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 TOPK_FAMILY = ("topk", "batchtopk")
@@ -83,7 +84,7 @@ class OptimizerConfig:
 @dataclass
 class TrainConfig:
     log_every_tokens: int = 100_000  # a row of curves.csv every this many tokens
-    checkpoint_every_s: float = 60.0  # seconds between atomic checkpoint.pt writes
+    checkpoint_every_s: float = 30.0  # seconds between atomic checkpoint.pt writes (and on Ctrl-C)
     dead_window: int = 10_000_000  # a latent silent for this many training tokens is dead
     eval_tokens: int | None = None  # cap on held-out tokens evaluated (null = the whole split)
     progress: bool = True  # show a tqdm progress bar
@@ -112,8 +113,8 @@ class SweepConfig:
     """`python -m sae_sweep -m key=a,b ...`: the sweep settings (section "Sweeps" of the README)."""
 
     sampler: str = "auto"  # auto (grid if every swept key is a list, else tpe) | grid | tpe | nsga2 | random
-    study_name: str | None = None  # Optuna study name; null = derived from the command (same command, same study)
-    storage: str | None = None  # null = SQLite in the sweep dir; a postgresql/mysql URL; or a .journal/.log file
+    study_name: str | None = None  # null = derived from the command (same command, same study)
+    storage: str | None = None  # null = SQLite in the sweep dir; a postgresql/mysql URL; a .journal/.log file
     n_trials: int = 20  # Bayesian/random searches: trials in total, across restarts (grids run every point)
     workers: int = 1  # worker processes this command starts (each takes the next trial of the shared study)
     # what to optimise: metric names from metrics.json, each "name" or "name:minimize|maximize"
@@ -125,6 +126,7 @@ class SweepConfig:
     heartbeat_s: int = 30  # seconds between a running trial's heartbeats
     grace_s: int = 120  # a running trial without a heartbeat for this long is retried from its checkpoint
     threads_per_worker: int | None = None  # torch threads per worker; null = cores // workers
+    report: bool = True  # at the end, write the full report (tables, plots); false = report/trials.csv only
     launcher: str = "local"  # local (processes on this machine) | slurm (one job per worker, via submitit)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -135,11 +137,18 @@ LAUNCHERS = ("local", "slurm")
 
 
 @dataclass
+class EvalConfig:
+    # eval.lm.*: splice the SAE into a causal LM on held-out text (ce_loss_score, delta_lm_loss)
+    lm: LMEvalConfig = field(default_factory=LMEvalConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # extra held-out evaluations
     l1_lambda: float | None = None  # sparsity coefficient (relu: L1, jumprelu: L0); null = recipe
     lr: float | None = None  # learning rate; null = the architecture's recipe value
     batch_size: int = 4096  # tokens per optimizer step
@@ -188,8 +197,16 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 def keys_help() -> str:
     """Every config key with its documentation, for `--help`."""
-    sections = [("", Config), ("model.", ModelConfig), ("data.", DataConfig), ("optimizer.", OptimizerConfig),
-                ("train.", TrainConfig), ("sweep.", SweepConfig), ("sweep.slurm.", SlurmConfig)]
+    sections = [
+        ("", Config),
+        ("model.", ModelConfig),
+        ("data.", DataConfig),
+        ("optimizer.", OptimizerConfig),
+        ("train.", TrainConfig),
+        ("sweep.", SweepConfig),
+        ("sweep.slurm.", SlurmConfig),
+        ("eval.lm.", LMEvalConfig),
+    ]
     lines = []
     for prefix, cls in sections:
         for name, doc in _field_comments(cls).items():
@@ -238,7 +255,8 @@ def validate(cfg: Config | DictConfig) -> None:
     if m.name in TOPK_FAMILY:
         if cfg.l1_lambda is not None:
             raise ConfigError(
-                "l1_lambda", cfg.l1_lambda,
+                "l1_lambda",
+                cfg.l1_lambda,
                 f"nothing with model={m.name}: its sparsity is set by model.k (drop l1_lambda or use "
                 "model=relu or jumprelu)",
             )
@@ -246,7 +264,9 @@ def validate(cfg: Config | DictConfig) -> None:
             raise ConfigError("model.k", m.k, f"a positive integer (latents per token) for model={m.name}")
     else:
         if m.k is not None:
-            raise ConfigError("model.k", m.k, f"nothing with model={m.name}: k is used by topk/batchtopk only")
+            raise ConfigError(
+                "model.k", m.k, f"nothing with model={m.name}: k is used by topk/batchtopk only"
+            )
         if cfg.l1_lambda is not None and (not math.isfinite(cfg.l1_lambda) or cfg.l1_lambda < 0):
             raise ConfigError("l1_lambda", cfg.l1_lambda, "a finite number >= 0 (0 = no sparsity penalty)")
 
@@ -308,10 +328,14 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("train.checkpoint_every_s", t.checkpoint_every_s)
     _positive("train.dead_window", t.dead_window)
     _positive("train.eval_tokens", t.eval_tokens, allow_none=True)
+    if cfg.eval.lm.enabled:
+        from sae_sweep.lm_eval import check_lm_eval  # resolves model and text without loading the model
+
+        check_lm_eval(cfg.eval.lm, d.path if d.kind == "shards" else None)
 
 
 def validate_sweep(s: SweepConfig | DictConfig) -> None:
-    """Check the `sweep.*` settings (the objectives are checked by the sweep driver, which knows the metrics)."""
+    """Check the `sweep.*` settings (the sweep driver checks the objectives: it knows the metrics)."""
     if s.sampler not in SAMPLERS:
         raise ConfigError("sweep", s.sampler, "one of " + ", ".join(SAMPLERS))
     if s.pruner not in PRUNERS:
@@ -328,8 +352,8 @@ def validate_sweep(s: SweepConfig | DictConfig) -> None:
         raise ConfigError(f"sweep.{key}", getattr(s, key), "a positive integer")
     if not s.objectives:
         raise ConfigError("sweep.objectives", list(s.objectives), "at least one metric name")
-    if s.study_name is not None and (not s.study_name or "/" in s.study_name or s.study_name in ("runs", "data")):
-        raise ConfigError("sweep.study_name", s.study_name, "a non-empty name without '/' other than runs or data")
+    if s.study_name is not None and (not s.study_name or "/" in s.study_name):
+        raise ConfigError("sweep.study_name", s.study_name, "a non-empty name without '/'")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

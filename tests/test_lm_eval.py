@@ -161,7 +161,11 @@ def test_a_run_with_eval_lm_enabled_records_the_lm_scores(gpt2_harvest, tmp_path
         data=DataConfig(kind="shards", path=str(acts), chunk_tokens=50, test_fraction=0.1),
         train=TrainConfig(progress=False, log_every_tokens=256),
         eval=EvalConfig(lm=LMEvalConfig(enabled=True, tokens=256, batch_size=4)),
-        batch_size=64, hidden_dim=128, tokens=5_000, l1_lambda=1.0, device="cpu",
+        batch_size=64,
+        hidden_dim=128,
+        tokens=5_000,
+        l1_lambda=1.0,
+        device="cpu",
         out_dir=str(tmp_path / "run"),
     )
     metrics = train(OmegaConf.structured(cfg))

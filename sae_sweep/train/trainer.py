@@ -41,7 +41,7 @@ from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 log = logging.getLogger("sae_sweep")
 
 # Settings that may change between the interrupted and the resuming command.
-_RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress")
+_RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress", "train.checkpoint_every_s")
 INIT_SAMPLE_TOKENS = 16_384  # enough for the mean b_dec starts at; 200 MB at d_in 3072
 
 

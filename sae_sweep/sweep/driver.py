@@ -1,0 +1,222 @@
+"""`python -m sae_sweep -m key=a,b ...`: plan the sweep, create (or resume) its study, start the workers,
+print the table at the end.
+
+The same command is also how a sweep resumes (after Ctrl-C, a kill, a crash or a power cut) and how a
+second machine joins it: the study name is derived from the command, the study keeps the queue, and
+trials whose worker died are re-enqueued to continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import DuplicatedStudyError
+from optuna.storages import BaseStorage
+
+from sae_sweep.errors import ConfigError, SaeSweepError
+from sae_sweep.sweep import saved
+from sae_sweep.sweep.compose import Composer
+from sae_sweep.sweep.plan import SweepPlan, make_plan, make_sampler
+from sae_sweep.sweep.queue import (
+    IDENTITY_ATTR,
+    READY_ATTR,
+    enqueue_missing,
+    pending,
+    recover,
+    wait_until_ready,
+)
+from sae_sweep.sweep.summary import counts, format_table, trials_frame, write_csv
+from sae_sweep.sweep.worker import Worker, WorkerSpec, quiet_optuna, say, spec_json
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+CHILD_STOP_TIMEOUT_S = 300  # a worker told to stop finishes its step and writes its checkpoint first
+
+
+def _normalised(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"its {key} was {old.get(key)!r}, now {new.get(key)!r}"
+    return "it differs"
+
+
+def prepare_study(plan: SweepPlan) -> tuple[optuna.Study, BaseStorage]:
+    """Create the study (once, before any worker starts) or load it and check it is this sweep's; fill the
+    queue with what is missing and re-enqueue trials whose worker died."""
+    raw = plan.store.open()
+    sampler = make_sampler(plan)
+    identity = _normalised(plan.identity())
+    with plan.store.lock():  # SQLite: two commands creating the same study at once would race
+        try:
+            study = optuna.create_study(
+                storage=raw,
+                study_name=plan.study_name,
+                sampler=sampler,
+                directions=[o.direction for o in plan.objectives],
+            )
+            study.set_user_attr(IDENTITY_ATTR, identity)
+        except DuplicatedStudyError:
+            study = optuna.load_study(study_name=plan.study_name, storage=raw, sampler=sampler)
+            if not study.user_attrs.get(READY_ATTR) and plan.store.kind == "server":
+                wait_until_ready(study)  # its creator (another machine) is filling the queue
+            stored = study.user_attrs.get(IDENTITY_ATTR)
+            if stored is None:
+                study.set_user_attr(IDENTITY_ATTR, identity)
+            elif stored != identity:
+                raise ConfigError(
+                    "sweep.study_name",
+                    plan.study_name,
+                    f"a new name: study '{plan.study_name}' in {plan.store.url} was created by a different "
+                    f"sweep ({_difference(stored, identity)}); pass another sweep.study_name or delete it",
+                ) from None
+        grid = plan.space.grid() if plan.sampler == "grid" else None
+        added = enqueue_missing(study, grid, plan.n_trials or 0)
+        study.set_user_attr(READY_ATTR, True)
+        recovered = recover(study, plan.store, raw)
+    if added:
+        say("", f"queued {added} trials")
+    for number in recovered:
+        say("", f"trial {number}: its worker stopped; re-enqueued to resume from its checkpoint")
+    return study, raw
+
+
+def _run_local_workers(plan: SweepPlan, composer: Composer, study: optuna.Study, raw: BaseStorage) -> int:
+    """Run `sweep.workers` workers on this machine; returns the exit status (130 when interrupted)."""
+    n = int(plan.settings.workers)
+    if n == 1:
+        try:
+            Worker(plan, composer, study, raw).loop()
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    cwd = os.getcwd()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sae_sweep.sweep.worker",
+                spec_json(WorkerSpec(plan.overrides, cwd, i, n, die_with_parent=True)),
+            ]
+        )
+        for i in range(n)
+    ]
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        for proc in procs:  # Ctrl-C reaches them too; SIGTERM covers a driver stopped by kill
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = [p.returncode for p in procs if p.returncode not in (0, None)]
+    return 1 if failed else 0
+
+
+def _launch(plan: SweepPlan, composer: Composer, study: optuna.Study, raw: BaseStorage) -> tuple[int, bool]:
+    """Start the workers; returns (exit status, whether the sweep ran to its end here)."""
+    if plan.settings.launcher == "slurm":
+        from sae_sweep.sweep.slurm import submit_workers
+
+        jobs = submit_workers(plan)
+        say(
+            "",
+            f"submitted {len(jobs)} worker jobs: {', '.join(str(j.job_id) for j in jobs)} "
+            f"(logs in {jobs[0].paths.folder})",
+        )
+        if not plan.settings.slurm.wait:
+            say("", "the same command shows progress and the table, and joins the sweep if it is not done")
+            return 0, False
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as err:  # a job that died: its trial is recovered by the others or a re-run
+                say("", f"worker job {job.job_id} ended with an error: {str(err).strip().splitlines()[-1]}")
+        return 0, True
+    return _run_local_workers(plan, composer, study, raw), True
+
+
+def full_report(plan: SweepPlan) -> Path | None:
+    """The report package's tables and plots (report/index.html, trials.csv, ...), when it is installed;
+    None if it is not or it fails, and then summary.write_csv's trials.csv is the report."""
+    try:
+        from sae_sweep.report import write_report
+    except ImportError:
+        return None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Path(write_report(plan.sweep_dir, study_name=plan.study_name, progress=False))
+    except Exception as err:  # the table and trials.csv must not depend on the plots
+        say("", f"the full report failed ({type(err).__name__}: {err}); writing report/trials.csv only")
+        return None
+
+
+def run(overrides: list[str]) -> int:
+    quiet_optuna()
+    try:
+        overrides = saved.expand(overrides)  # sweeps/NAME.yaml definitions -> their overrides
+        with Composer() as composer:
+            plan = make_plan(overrides, composer)
+            for ignored in plan.space.ignored:
+                say("", f"ignoring {ignored}: a sweep reads hydra.sweep.dir only")
+            say("", f"study {plan.study_name}: {plan.describe()}")
+            say("", f"sweep directory {plan.sweep_dir} (storage {plan.store.url})")
+            study, raw = prepare_study(plan)
+            takeable, running = pending(study, plan.n_trials)
+            status, finished = 0, True
+            if takeable == 0 and running == 0:
+                say("", "nothing left to run")
+            else:
+                status, finished = _launch(plan, composer, study, raw)
+    except SaeSweepError as err:
+        print(f"sae_sweep: error: {err}", file=sys.stderr)
+        return 2
+    frame = trials_frame(study)
+    report = (plan.settings.report and full_report(plan)) or write_csv(frame, plan.sweep_dir / "report")
+    print(format_table(frame, [o.metric for o in plan.objectives]))
+    print(f"{counts(study)}; * = Pareto front of {', '.join(str(o) for o in plan.objectives)}")
+    print(f"sweep directory: {plan.sweep_dir}")
+    print(f"report: {report}")
+    if status == 130:
+        print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
+    elif not finished:
+        print("sweep still running in its jobs", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str]) -> int:
+    """argv: the command line after `python -m sae_sweep`, containing -m/--multirun."""
+    args = [a for a in argv if a not in MULTIRUN_FLAGS]
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        print(
+            f"sae_sweep: error: {flags[0]} is not supported with -m (a sweep takes key=value overrides; "
+            "run without -m to use Hydra's flags on a single run)",
+            file=sys.stderr,
+        )
+        return 2
+    return run(args)

@@ -1,0 +1,134 @@
+"""A sweep command, parsed and checked: space, settings, objectives, study name, directories, storage.
+
+The driver builds the plan once and checks every trial config it can before any work; each worker
+rebuilds the same plan from the same overrides (it is deterministic), so only the overrides travel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from sae_sweep.config import validate, validate_sweep
+from sae_sweep.errors import ConfigError
+from sae_sweep.sweep.compose import Composer, sweep_settings
+from sae_sweep.sweep.objectives import Objective, parse_objectives
+from sae_sweep.sweep.space import SearchSpace, parse_space
+from sae_sweep.sweep.store import StudyStore, resolve_store
+
+RESERVED_DIRS = ("runs", "data")  # outputs/runs and outputs/data belong to single runs and the data cache
+
+
+@dataclass
+class SweepPlan:
+    overrides: list[str]
+    space: SearchSpace
+    settings: Any  # SweepConfig
+    sampler: str  # grid | tpe | nsga2 | random
+    objectives: list[Objective]
+    study_name: str
+    sweep_dir: Path
+    store: StudyStore
+    pruning: bool
+    data_kind: str
+
+    @property
+    def n_trials(self) -> int | None:
+        """The budget of a non-grid search; None for a grid (every point, whatever n_trials says)."""
+        return None if self.sampler == "grid" else int(self.settings.n_trials)
+
+    def identity(self) -> dict[str, Any]:
+        return _identity(self.space, self.sampler, self.objectives)
+
+    def describe(self) -> str:
+        if self.sampler == "grid":
+            what = f"grid of {self.space.grid_size()} points"
+        else:
+            what = f"{self.sampler} search, {self.n_trials} trials"
+        dims = "; ".join(f"{d.name}: {d.describe()}" for d in self.space.dims) or "no swept keys"
+        objectives = ", ".join(str(o) for o in self.objectives)
+        return f"{what} over {dims}; objectives {objectives}"
+
+
+def _identity(space: SearchSpace, sampler: str, objectives: list[Objective]) -> dict[str, Any]:
+    return {**space.identity(), "sampler": sampler, "objectives": [str(o) for o in objectives]}
+
+
+def derive_study_name(space: SearchSpace, identity: dict[str, Any]) -> str:
+    """Readable and deterministic: the swept keys plus a hash of everything that defines the sweep."""
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    keys = "-".join(re.sub(r"[^A-Za-z0-9_.]", "", d.name) for d in space.dims) or "sweep"
+    return f"{keys[:60]}_{digest}"
+
+
+def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> SweepPlan:
+    """Parse the command's overrides; with `check`, compose and validate trial configs (grid points, or
+    each value and both ends of each range) so a bad value stops the sweep before any training."""
+    space = parse_space(overrides, composer.group_options)
+    points = list(space.probe_points()) if check else [next(space.probe_points())]
+    base = None
+    for point in points:
+        cfg = composer.compose(space.overrides(point))
+        if base is None:
+            base = cfg
+            validate_sweep(cfg.sweep)
+        if check:
+            validate(cfg)
+    assert base is not None
+    settings = sweep_settings(base)
+    sampler = settings.sampler
+    if sampler == "auto":
+        sampler = "grid" if space.is_grid else "tpe"
+    if sampler == "grid" and not space.is_grid:
+        dim = next(d for d in space.dims if d.kind != "categorical")
+        raise ConfigError(
+            dim.name,
+            dim.describe(),
+            "a list or choice(...) with sweep=grid (ranges and intervals need sweep=tpe, nsga2 or random)",
+        )
+    objectives = parse_objectives(list(settings.objectives), base.data.kind)
+    study_name = settings.study_name or derive_study_name(space, _identity(space, sampler, objectives))
+    sweep_dir = Path(space.sweep_dir or Path("outputs") / study_name).absolute()
+    if space.sweep_dir is None and study_name in RESERVED_DIRS:
+        raise ConfigError("sweep.study_name", study_name, f"a name other than {' or '.join(RESERVED_DIRS)}")
+    store = resolve_store(settings.storage, sweep_dir, settings.heartbeat_s, settings.grace_s)
+    if settings.launcher == "slurm" and not store.shareable_across_machines:
+        raise ConfigError(
+            "sweep.storage",
+            settings.storage,
+            "a postgresql:// or mysql:// URL, or a journal file "
+            "on a disk every node shares (e.g. sweep.storage=/shared/study.journal), with "
+            "sweep.launcher=slurm: jobs on other nodes cannot share an SQLite file safely",
+        )
+    pruning = settings.pruner == "median" or (settings.pruner == "auto" and sampler != "grid")
+    return SweepPlan(
+        overrides=list(overrides),
+        space=space,
+        settings=settings,
+        sampler=sampler,
+        objectives=objectives,
+        study_name=study_name,
+        sweep_dir=sweep_dir,
+        store=store,
+        pruning=pruning,
+        data_kind=base.data.kind,
+    )
+
+
+def make_sampler(plan: SweepPlan, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler a worker fills budget slots with. Grid points arrive with their parameters fixed, so a
+    grid never consults its sampler (Optuna's GridSampler is not used: it can hand the same point to two
+    concurrent workers and calls study.stop(), which only works inside study.optimize)."""
+    seed = None if plan.settings.seed is None else int(plan.settings.seed) + worker_index
+    if plan.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if plan.sampler in ("random", "grid"):
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: trials running elsewhere count as bad guesses, so concurrent workers spread out.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)

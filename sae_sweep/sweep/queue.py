@@ -1,0 +1,147 @@
+"""The study as a work queue: every trial a sweep will run exists up front as a WAITING trial.
+
+A grid enqueues each point once; a Bayesian search enqueues `n_trials` empty trials whose parameters the
+sampler fills in when a worker takes one (so it learns from every trial finished by then). Workers take
+WAITING trials atomically, so no point runs twice however many workers or machines share the study, and
+the budget is a total across restarts. A trial whose worker died is failed and re-enqueued with the same
+parameters (Optuna's retry convention: system attributes `failed_trial`, `retry_history`); its run
+directory moves to the new trial number and training continues from its checkpoint.pt.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from sae_sweep.sweep.store import HEARTBEAT_ATTR, OWNER_ATTR, StudyStore, running_trials, this_process
+
+GRID_ATTR = "grid_point"  # user attr: index of a grid point
+SLOT_ATTR = "budget_slot"  # user attr: index of a Bayesian trial in the budget
+STATUS_ATTR = "status"  # user attr: completed | pruned | collapsed | diverged | failed | interrupted
+REASON_ATTR = "reason"
+IDENTITY_ATTR = "sae_sweep:identity"  # study user attr: what the sweep is (checked on every start)
+READY_ATTR = "sae_sweep:ready"  # study user attr: the queue is complete
+
+
+def is_retry(t: FrozenTrial) -> bool:
+    return "failed_trial" in t.system_attrs
+
+
+def enqueue_missing(study: optuna.Study, grid: list[dict[str, Any]] | None, n_trials: int) -> int:
+    """Enqueue the grid points (or budget slots) not yet in the study; returns how many were added.
+
+    Idempotent, so a creator killed half-way is completed by the next command.
+    """
+    trials = study.get_trials(deepcopy=False)
+    if grid is not None:
+        have = {t.user_attrs.get(GRID_ATTR) for t in trials}
+        missing = [i for i in range(len(grid)) if i not in have]
+        for i in missing:
+            study.enqueue_trial(grid[i], user_attrs={GRID_ATTR: i})
+        return len(missing)
+    slots = sorted(t.user_attrs[SLOT_ATTR] for t in trials if SLOT_ATTR in t.user_attrs and not is_retry(t))
+    start = slots[-1] + 1 if slots else 0
+    for i in range(start, max(start, n_trials - len(slots) + start)):
+        study.enqueue_trial({}, user_attrs={SLOT_ATTR: i})
+    return max(0, n_trials - len(slots))
+
+
+def _started_slots(trials: list[FrozenTrial]) -> int:
+    return sum(
+        1 for t in trials if SLOT_ATTR in t.user_attrs and not is_retry(t) and t.state != TrialState.WAITING
+    )
+
+
+def claim(study: optuna.Study, store: StudyStore, raw: BaseStorage, n_trials: int | None) -> int | None:
+    """Take one WAITING trial (retries first, then in order) and mark it RUNNING; None if none is left.
+
+    `n_trials` caps the budget slots started (a budget lowered on a re-run); retries are always taken.
+    The trial gets its first heartbeat, then its owner, at once: a worker killed in between leaves a
+    trial StudyStore.stale still recognises. Call under StudyStore.lock().
+    """
+    trials = study.get_trials(deepcopy=False)
+    waiting = sorted(
+        (t for t in trials if t.state == TrialState.WAITING), key=lambda t: (not is_retry(t), t.number)
+    )
+    started = _started_slots(trials)
+    for t in waiting:
+        if n_trials is not None and SLOT_ATTR in t.user_attrs and not is_retry(t) and started >= n_trials:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                store.beat(raw, t._trial_id)
+                study._storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, this_process())
+                return t._trial_id
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def retry(study: optuna.Study, t: FrozenTrial) -> None:
+    """Re-enqueue a failed trial's parameters as a new WAITING trial that continues its run."""
+    history = [*t.system_attrs.get("retry_history", []), t.number]
+    system_attrs = {k: v for k, v in t.system_attrs.items() if k not in (OWNER_ATTR, HEARTBEAT_ATTR)}
+    system_attrs.update(failed_trial=history[0], retry_history=history)
+    user_attrs = {k: t.user_attrs[k] for k in (GRID_ATTR, SLOT_ATTR) if k in t.user_attrs}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=t.params,
+            distributions=t.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
+
+
+def fail_and_retry(study: optuna.Study, t: FrozenTrial, reason: str) -> bool:
+    """Mark a running trial interrupted (FAIL) and re-enqueue it; False if another process got there first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(t._trial_id, STATUS_ATTR, "interrupted")
+        storage.set_trial_user_attr(t._trial_id, REASON_ATTR, reason)
+        if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:
+        return False
+    retry(study, storage.get_trial(t._trial_id))
+    return True
+
+
+def recover(study: optuna.Study, store: StudyStore, raw: BaseStorage) -> list[int]:
+    """Fail and re-enqueue running trials whose worker is gone; returns their numbers. Call under the lock."""
+    recovered = []
+    for t in store.stale(raw, study, running_trials(study)):
+        if fail_and_retry(study, t, "its worker stopped (process gone or no heartbeat); resumed by a retry"):
+            recovered.append(t.number)
+    return recovered
+
+
+def wait_until_ready(study: optuna.Study, timeout_s: float = 60.0) -> bool:
+    """A study created by another command: wait until its creator has filled the queue."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if study.user_attrs.get(READY_ATTR):
+            return True
+        time.sleep(0.5)
+    return bool(study.user_attrs.get(READY_ATTR))
+
+
+def pending(study: optuna.Study, n_trials: int | None) -> tuple[int, int]:
+    """(trials a worker could still take, trials running now)."""
+    trials = study.get_trials(deepcopy=False)
+    started = _started_slots(trials)
+    takeable = 0
+    for t in trials:
+        if t.state != TrialState.WAITING:
+            continue
+        if n_trials is not None and SLOT_ATTR in t.user_attrs and not is_retry(t):
+            if started + takeable >= n_trials:
+                continue
+        takeable += 1
+    return takeable, sum(1 for t in trials if t.state == TrialState.RUNNING)

@@ -1,0 +1,261 @@
+"""Sweeps across processes, for real: N workers and concurrent commands on SQLite and on a PostgreSQL
+server started here, kill -9 mid-trial then the same command, and SLURM jobs (submitit's local cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import SMALL_DATA
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from sae_sweep.config import DataConfig
+from sae_sweep.data.synthetic import ensure_synthetic
+from sae_sweep.sweep.store import OWNER_ATTR
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def small_data(data_root) -> Path:
+    """Generated once up front, so concurrent workers only read it."""
+    ensure_synthetic(OmegaConf.structured(DataConfig(**SMALL_DATA, path=str(data_root))), progress=False)
+    return data_root
+
+
+def command(data_root: Path, sweep_dir: Path, *args: str, tokens: int = 60_000) -> list[str]:
+    """A sweep command with tiny trials; `args` come last, so they win over these defaults."""
+    small = [f"data.{k}={v}" for k, v in SMALL_DATA.items()]
+    return [
+        sys.executable,
+        "-m",
+        "sae_sweep",
+        "-m",
+        *small,
+        f"data.path={data_root}",
+        "batch_size=512",
+        "hidden_dim=64",
+        f"tokens={tokens}",
+        "device=cpu",
+        "train.progress=false",
+        "train.log_every_tokens=8192",
+        "train.dead_window=100000",
+        f"hydra.sweep.dir={sweep_dir}",
+        "sweep.heartbeat_s=1",
+        "sweep.grace_s=5",
+        "sweep.report=false",
+        *args,
+    ]
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def load(storage: str) -> optuna.Study:
+    return optuna.load_study(study_name=None, storage=storage)
+
+
+def assert_grid_done_once(study: optuna.Study, key: str, values: list) -> list[optuna.trial.FrozenTrial]:
+    """Every point COMPLETE exactly once; no point started twice except as a retry of a dead attempt."""
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params[key] for t in complete) == sorted(values), [
+        (t.number, t.state, t.params) for t in trials
+    ]
+    firsts = Counter(t.params[key] for t in trials if "failed_trial" not in t.system_attrs)
+    assert set(firsts.values()) == {1}, firsts
+    return complete
+
+
+def owners(trials) -> set[int]:
+    return {t.system_attrs[OWNER_ATTR]["pid"] for t in trials}
+
+
+def test_workers_on_sqlite_share_the_grid(small_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    run(command(small_data, sweep, "seed=0,1,2,3,4,5", "sweep.workers=2"), tmp_path)
+    complete = assert_grid_done_once(load(f"sqlite:///{sweep / 'study.db'}"), "seed", list(range(6)))
+    assert len(owners(complete)) == 2  # both worker processes took trials
+
+
+def test_two_copies_of_a_command_split_the_grid(small_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = command(small_data, sweep, "seed=0,1,2,3,4,5", tokens=100_000)  # long enough for both to start
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    complete = assert_grid_done_once(load(f"sqlite:///{sweep / 'study.db'}"), "seed", list(range(6)))
+    assert owners(complete) == {p.pid for p in procs}
+    assert all("6 completed" in out for out in outs)
+
+
+def test_kill_9_mid_trial_then_the_same_command_resumes(small_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = command(
+        small_data,
+        sweep,
+        "seed=0,1,2,3",
+        "sweep.workers=2",
+        "batch_size=256",
+        "train.checkpoint_every_s=0.2",
+        tokens=300_000,
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while not list(sweep.glob("trials/*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-trial
+    proc.wait()
+    storage = f"sqlite:///{sweep / 'study.db'}"
+    before = {t.number: t.params for t in load(storage).get_trials(states=(TrialState.COMPLETE,))}
+    assert load(storage).get_trials(states=(TrialState.RUNNING,)), "no trial was running"
+
+    res = run(cmd, tmp_path)
+    complete = assert_grid_done_once(load(storage), "seed", [0, 1, 2, 3])
+    assert {t.number: t.params for t in complete if t.number in before} == before  # kept, not repeated
+    resumed = [
+        json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["resumed_from_tokens"]
+        for t in complete
+        if "failed_trial" in t.system_attrs
+    ]
+    assert resumed and max(resumed) > 0, res.stdout  # the interrupted trial continued from its checkpoint
+    assert "re-enqueued to resume" in res.stdout and "4 completed" in res.stdout
+
+
+def _postgres_bin() -> Path | None:
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
+            return candidate
+    found = shutil.which("pg_ctl")
+    return Path(found).resolve().parent if found and shutil.which("initdb") else None
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on a Unix socket in a temporary directory."""
+    pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install -e '.[dev]')")
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian: apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="sae_sweep_pg_"))
+    as_user: dict = {}
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the server as the postgres user
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+        as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    data = root / "data"
+
+    def pg(*args: str) -> None:
+        subprocess.run(
+            [str(bindir / args[0]), *args[1:]],
+            check=True,
+            capture_output=True,
+            env=env,
+            cwd=root,
+            timeout=120,
+            **as_user,
+        )
+
+    pg("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+    opts = f"-k {root} -c listen_addresses='' -p 5432 -c fsync=off -c max_connections=50"
+    pg("pg_ctl", "-D", str(data), "-o", opts, "-l", str(root / "server.log"), "-w", "-t", "60", "start")
+    try:
+        yield f"postgresql+psycopg2://postgres@/postgres?host={root}&port=5432"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_workers_and_commands_on_postgresql_share_the_grid(small_data, tmp_path, postgres_url):
+    sweep = tmp_path / "sweep"
+    cmd = command(
+        small_data,
+        sweep,
+        "seed=0,1,2,3,4,5,6,7",
+        "sweep.workers=2",
+        f"sweep.storage='{postgres_url}'",  # quoted: '?', '&' and '=' are Hydra syntax
+        "sweep.study_name=pg_grid",
+    )
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    study = optuna.load_study(study_name="pg_grid", storage=postgres_url)
+    complete = assert_grid_done_once(study, "seed", list(range(8)))
+    assert len(owners(complete)) >= 3  # two commands x two workers, all on one server
+    assert not (sweep / "study.db").exists()
+
+
+def test_slurm_launcher_submits_worker_jobs(small_data, tmp_path):
+    pytest.importorskip("submitit", reason="submitit is not installed (pip install -e '.[dev]')")
+    sweep = tmp_path / "sweep"
+    journal = tmp_path / "shared" / "study.journal"
+    cmd = command(
+        small_data,
+        sweep,
+        "seed=0,1,2,3",
+        "sweep.launcher=slurm",
+        "sweep.workers=2",
+        f"sweep.storage={journal}",
+        "sweep.slurm.cluster=local",
+        "sweep.slurm.wait=true",
+        tokens=30_000,
+    )
+    res = run(cmd, tmp_path)
+    assert "submitted 2 worker jobs" in res.stdout
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=None, storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert_grid_done_once(study, "seed", [0, 1, 2, 3])
+    logs = list((sweep / "slurm").glob("*_0_log.out"))  # one per job, holding its worker's lines
+    assert len(logs) == 2 and sum(p.read_text().count(": completed") for p in logs) == 4
+
+
+def test_slurm_job_parameters_follow_the_config():
+    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.sweep.plan import make_plan
+    from sae_sweep.sweep.slurm import job_parameters
+
+    slurm = [
+        "sweep.slurm.partition=gpu",
+        "sweep.slurm.gpus_per_node=1",
+        "sweep.slurm.time_min=60",
+        "+sweep.slurm.additional_parameters.constraint=a100",
+    ]
+    with Composer() as composer:
+        plan = make_plan(
+            ["seed=0,1", "sweep.launcher=slurm", "sweep.storage=/shared/s.journal", *slurm], composer
+        )
+    params = job_parameters(plan)
+    assert params["slurm_partition"] == "gpu" and params["gpus_per_node"] == 1 and params["timeout_min"] == 60
+    assert params["slurm_additional_parameters"] == {"constraint": "a100"}
+    assert params["name"] == f"sae_sweep-{plan.study_name}"
