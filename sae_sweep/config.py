@@ -234,20 +234,27 @@ def _fraction(key: str, value: float, *, upper_open: bool = True) -> None:
         raise ConfigError(key, value, "a fraction in [0, 1)" if upper_open else "a fraction in [0, 1]")
 
 
-def validate(cfg: Config | DictConfig) -> None:
-    """Check every value against what is allowed, before any work; raise ConfigError on the first."""
-    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
-    if m.name not in ARCHITECTURES:
-        raise ConfigError("model", m.name, "one of " + ", ".join(ARCHITECTURES))
-    if d.kind not in DATA_KINDS:
-        raise ConfigError("data", d.kind, "one of " + ", ".join(DATA_KINDS))
-    if cfg.device not in DEVICES:
-        raise ConfigError("device", cfg.device, "one of " + ", ".join(DEVICES))
-    if cfg.device == "cuda":
+def one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "one of " + ", ".join(allowed))
+
+
+def check_device(value: str, key: str = "device") -> None:
+    """auto | cpu | cuda, and cuda only where a CUDA device is present."""
+    one_of(key, value, DEVICES)
+    if value == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("device", "cuda", "auto or cpu: no CUDA device is available here")
+            raise ConfigError(key, "cuda", "auto or cpu: no CUDA device is available here")
+
+
+def validate(cfg: Config | DictConfig) -> None:
+    """Check every value against what is allowed, before any work; raise ConfigError on the first."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    one_of("model", m.name, ARCHITECTURES)
+    one_of("data", d.kind, DATA_KINDS)
+    check_device(cfg.device)
     if o.name != "adam":
         raise ConfigError("optimizer", o.name, "adam")
 
@@ -336,12 +343,9 @@ def validate(cfg: Config | DictConfig) -> None:
 
 def validate_sweep(s: SweepConfig | DictConfig) -> None:
     """Check the `sweep.*` settings (the sweep driver checks the objectives: it knows the metrics)."""
-    if s.sampler not in SAMPLERS:
-        raise ConfigError("sweep", s.sampler, "one of " + ", ".join(SAMPLERS))
-    if s.pruner not in PRUNERS:
-        raise ConfigError("sweep.pruner", s.pruner, "one of " + ", ".join(PRUNERS))
-    if s.launcher not in LAUNCHERS:
-        raise ConfigError("sweep.launcher", s.launcher, "one of " + ", ".join(LAUNCHERS))
+    one_of("sweep", s.sampler, SAMPLERS)
+    one_of("sweep.pruner", s.pruner, PRUNERS)
+    one_of("sweep.launcher", s.launcher, LAUNCHERS)
     for key in ("n_trials", "workers", "heartbeat_s", "grace_s"):
         _positive(f"sweep.{key}", getattr(s, key))
     _positive("sweep.threads_per_worker", s.threads_per_worker, allow_none=True)

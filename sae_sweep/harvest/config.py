@@ -13,13 +13,12 @@ from pathlib import Path
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from sae_sweep.config import _field_comments
+from sae_sweep.config import _field_comments, check_device, one_of
 from sae_sweep.errors import ConfigError
 
 # Where in block `layer` the activations come from. Names follow TransformerLens (and so SAELens).
 HOOKS = ("resid_post", "mlp_out", "attn_out")
 DTYPES = ("float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -90,17 +89,9 @@ def validate(cfg: HarvestConfig) -> None:
     """Checks that need no model; the layer range and context length are checked once its config is read."""
     if not cfg.model.strip():
         raise ConfigError("model", cfg.model, "a local model folder or a cached model name")
-    if cfg.hook not in HOOKS:
-        raise ConfigError("hook", cfg.hook, "one of " + ", ".join(HOOKS))
-    if cfg.dtype not in DTYPES:
-        raise ConfigError("dtype", cfg.dtype, "one of " + ", ".join(DTYPES))
-    if cfg.device not in DEVICES:
-        raise ConfigError("device", cfg.device, "one of " + ", ".join(DEVICES))
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("device", "cuda", "auto or cpu: no CUDA device is available here")
+    one_of("hook", cfg.hook, HOOKS)
+    one_of("dtype", cfg.dtype, DTYPES)
+    check_device(cfg.device)
     if cfg.layer < 0:
         raise ConfigError("layer", cfg.layer, "a block index >= 0")
     for key in ("tokens", "batch_size", "shard_tokens"):
