@@ -215,6 +215,17 @@ def keys_help() -> str:
     return "\n".join(lines)
 
 
+def resolve_recipe(
+    arch: str, d_in: int, hidden_dim: int | None, l1_lambda: float | None, lr: float | None
+) -> tuple[int, float | None, float]:
+    """(hidden, l1_lambda, lr) a run uses when those keys are null; l1_lambda is None where unused."""
+    hidden = hidden_dim or 8 * d_in
+    coef = None
+    if arch in USES_SPARSITY_COEF:
+        coef = l1_lambda if l1_lambda is not None else DEFAULT_L1_LAMBDA[arch]
+    return hidden, coef, lr if lr is not None else default_lr(arch, d_in, hidden)
+
+
 def register_configs() -> None:
     # The schema of the whole tree, groups included: group yaml files only set values on it.
     ConfigStore.instance().store(name="base_config", node=Config)

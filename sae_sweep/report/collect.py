@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from tqdm import tqdm  # not tqdm.auto: it warns on import in notebooks without ipywidgets
 
-from sae_sweep.config import DEFAULT_L1_LAMBDA, USES_SPARSITY_COEF, default_lr
+from sae_sweep.config import resolve_recipe
 
 # DESIGN section 5, in its order: the held-out metrics of a completed run.
 METRICS = (
@@ -186,12 +186,14 @@ def _resolve_defaults(row: dict[str, Any]) -> None:
     """
     arch = row.get("architecture")
     d_in = row.get("d_in") or (row.get("data.d_in") if row.get("data.kind") == "synthetic" else None)
-    if row.get("hidden_dim") is None and d_in:
-        row["hidden_dim"] = 8 * int(d_in)
-    if row.get("l1_lambda") is None and arch in USES_SPARSITY_COEF:
-        row["l1_lambda"] = DEFAULT_L1_LAMBDA[arch]
-    if row.get("lr") is None and arch and d_in and row.get("hidden_dim"):
-        row["lr"] = default_lr(arch, int(d_in), int(row["hidden_dim"]))
+    if not (arch and d_in):
+        return
+    hidden, l1_lambda, lr = resolve_recipe(
+        arch, int(d_in), row.get("hidden_dim"), row.get("l1_lambda"), row.get("lr")
+    )
+    row["hidden_dim"], row["lr"] = hidden, lr
+    if l1_lambda is not None:
+        row["l1_lambda"] = l1_lambda
 
 
 def read_run_dir(run_dir: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:

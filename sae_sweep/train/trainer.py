@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sae_sweep.config import DEFAULT_L1_LAMBDA, TOPK_FAMILY, USES_SPARSITY_COEF, Config, default_lr, validate
+from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, resolve_recipe, validate
 from sae_sweep.data import open_dataset
 from sae_sweep.errors import ConfigError, SaeSweepError
 from sae_sweep.metrics import (
@@ -177,8 +177,9 @@ class Trainer:
         cfg = self.cfg
         self.data = open_dataset(cfg.data, cfg.seed, progress=cfg.train.progress)
         d_in = self.data.d_in
-        self.hidden = cfg.hidden_dim or 8 * d_in
         arch = cfg.model.name
+        self.hidden, coef, self.lr = resolve_recipe(arch, d_in, cfg.hidden_dim, cfg.l1_lambda, cfg.lr)
+        self.l1_lambda = coef or 0.0
         if arch in TOPK_FAMILY and cfg.model.k > self.hidden:
             raise ConfigError("model.k", cfg.model.k, f"at most hidden_dim ({self.hidden})")
         if cfg.batch_size > self.data.n_train_tokens:
@@ -187,10 +188,6 @@ class Trainer:
                 cfg.batch_size,
                 f"at most the {self.data.n_train_tokens} tokens of the train split",
             )
-        self.l1_lambda = 0.0
-        if arch in USES_SPARSITY_COEF:
-            self.l1_lambda = cfg.l1_lambda if cfg.l1_lambda is not None else DEFAULT_L1_LAMBDA[arch]
-        self.lr = cfg.lr if cfg.lr is not None else default_lr(arch, d_in, self.hidden)
         if cfg.tokens is not None:
             budget = cfg.tokens
         else:
