@@ -49,7 +49,10 @@ class ModelConfig:
 class DataConfig:
     kind: str = "synthetic"  # synthetic (built-in ground truth) | shards (a folder of activations)
     path: str | None = None  # shards: the folder; synthetic: cache root (null = outputs/data)
-    test_fraction: float = 0.01  # share of tokens held out for evaluation (split by seed)
+    test_fraction: float = 0.01  # share of tokens held out for evaluation (split by data.shuffle_seed)
+    # seed of the held-out split and of the batch order; kept apart from the run's `seed` (initialisation
+    # only), so a seed sweep compares initialisations on the same batches and its trials can be packed
+    shuffle_seed: int = 0
     scale_factor: float | None = None  # input scale; null = sqrt(d_in) / mean ||x|| estimated
     scale_tokens: int = 1_000_000  # tokens used to estimate the scale factor (or all, if fewer)
     buffer_mb: int = 512  # shuffle buffer: RAM for raw activations held at once (bounded streaming)
@@ -155,7 +158,7 @@ class Config:
     hidden_dim: int | None = None  # SAE width (latents); null = 8 * d_in
     tokens: int | None = None  # training budget in tokens; null = `epochs`
     epochs: float | None = None  # budget in passes over the train split; null = data.default_epochs
-    seed: int = 0  # seed of initialisation, data order and the held-out split
+    seed: int = 0  # seed of the SAE's initialisation (data.shuffle_seed orders the data)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     out_dir: str = MISSING  # run directory (set from hydra.run.dir by the CLI)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # used by `-m` sweeps only

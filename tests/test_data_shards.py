@@ -395,6 +395,6 @@ def test_sample_is_seeded_distinct_and_from_train(tmp_path):
 @pytest.mark.parametrize("as_dictconfig", [False, True])
 def test_open_dataset_reads_a_shards_config(tmp_path, as_dictconfig):
     folder, _ = make_folder(tmp_path)
-    cfg = DataConfig(kind="shards", path=str(folder), chunk_tokens=100, test_fraction=0.1)
-    ds = open_dataset(OmegaConf.structured(cfg) if as_dictconfig else cfg, seed=3)
+    cfg = DataConfig(kind="shards", path=str(folder), chunk_tokens=100, test_fraction=0.1, shuffle_seed=3)
+    ds = open_dataset(OmegaConf.structured(cfg) if as_dictconfig else cfg)
     assert ds.ground_truth is None and ds.test_chunks == dataset(folder, seed=3).test_chunks

@@ -19,6 +19,7 @@ from sae_sweep.errors import ConfigError
 from sae_sweep.metrics import mcc
 from sae_sweep.models import load_sae
 from sae_sweep.train import train
+from sae_sweep.train import trainer as trainer_module
 from sae_sweep.train.trainer import RunStopped, Trainer, TrainingDiverged
 
 SECTION5_METRICS = [
@@ -78,7 +79,7 @@ def test_saved_sae_applies_to_raw_activations(make_cfg):
     cfg = make_cfg(tokens=100_000)
     metrics = train(cfg)
     sae = load_sae(cfg.out_dir)
-    data = open_dataset(cfg.data, cfg.seed, progress=False)
+    data = open_dataset(cfg.data, progress=False)
     x_raw = next(iter(data.test_batches(2048)))
     with torch.no_grad():
         x_hat = sae.decode(sae.encode(x_raw))
@@ -93,7 +94,7 @@ def test_saved_sae_applies_to_raw_activations(make_cfg):
 )
 def test_each_architecture_learns_the_ground_truth(make_cfg, model, k, l1_lambda):
     metrics = train(make_cfg(model=model, k=k, l1_lambda=l1_lambda))
-    truth = open_dataset(make_cfg().data, 0, progress=False).ground_truth
+    truth = open_dataset(make_cfg().data, progress=False).ground_truth
     random_mcc = mcc(truth.features, torch.randn(128, 32))
     assert metrics["mcc"] > random_mcc + 0.3, (metrics["mcc"], random_mcc)
     assert metrics["explained_variance"] > 0.7
@@ -197,7 +198,7 @@ def test_sigkill_mid_run_then_same_command_resumes(make_cfg, tmp_path, data_root
 def test_finished_run_is_not_trained_again(make_cfg, monkeypatch):
     cfg = make_cfg(tokens=50_000)
     first = train(cfg)
-    monkeypatch.setattr(Trainer, "run_loop", lambda self: pytest.fail("trained again"))
+    monkeypatch.setattr(trainer_module, "_run_pack", lambda *a: pytest.fail("trained again"))
     assert train(cfg) == json.loads(json.dumps(first))
 
 

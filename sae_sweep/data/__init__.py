@@ -11,8 +11,8 @@ from sae_sweep.errors import ConfigError
 __all__ = ["ActivationDataset", "open_dataset"]
 
 
-def open_dataset(data_cfg: Any, seed: int, *, progress: bool = True) -> ActivationDataset:
-    """Open the data a config names (DataConfig or its DictConfig); the run seed fixes split and order."""
+def open_dataset(data_cfg: Any, *, progress: bool = True) -> ActivationDataset:
+    """Open the data a config names (DataConfig or its DictConfig); data.shuffle_seed fixes split, order."""
     truth = None
     if data_cfg.kind == "synthetic":
         from sae_sweep.data.synthetic import ensure_synthetic, load_ground_truth  # generator only when used
@@ -27,7 +27,7 @@ def open_dataset(data_cfg: Any, seed: int, *, progress: bool = True) -> Activati
         raise ConfigError("data.kind", data_cfg.kind, "synthetic or shards")
     return ActivationDataset(
         folder,
-        seed=seed,
+        seed=data_cfg.shuffle_seed,
         chunk_tokens=data_cfg.chunk_tokens,
         test_fraction=data_cfg.test_fraction,
         buffer_mb=data_cfg.buffer_mb,

@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, resolve_recipe, validate
 from sae_sweep.data import open_dataset
+from sae_sweep.data.device_feed import DeviceFeed
 from sae_sweep.errors import ConfigError, SaeSweepError
 from sae_sweep.metrics import (
     DeadLatentTracker,
@@ -161,8 +162,44 @@ class StopRequests:
             signal.signal(sig, handler)
 
 
+class SharedData:
+    """The data side of a run, opened once for every member of a pack (they share data config and seed):
+    the dataset, its scale factor and the sample that initialises b_dec."""
+
+    def __init__(self, data_cfg: Any, progress: bool) -> None:
+        self.cfg = data_cfg
+        self.dataset = open_dataset(data_cfg, progress=progress)
+        self._scale: tuple[float, float] | None = None
+        self._sample: torch.Tensor | None = None
+
+    def scale(self) -> tuple[float, float]:
+        """(scale factor, raw mean norm), estimated once."""
+        if self._scale is None:
+            cfg = self.cfg
+            if cfg.scale_factor is not None:
+                _, raw_mean_norm = self.dataset.estimate_scale(min(cfg.scale_tokens, INIT_SAMPLE_TOKENS))
+                self._scale = (float(cfg.scale_factor), raw_mean_norm)
+            else:
+                log.info("estimating the scale factor on up to %d tokens", cfg.scale_tokens)
+                self._scale = self.dataset.estimate_scale(cfg.scale_tokens)
+            log.info(
+                "raw mean norm %.4g, scale factor %.4g (E||x|| = sqrt(%d))",
+                self._scale[1],
+                self._scale[0],
+                self.dataset.d_in,
+            )
+        return self._scale
+
+    def init_sample(self) -> torch.Tensor:
+        """Raw train tokens the models initialise from (b_dec = their mean after scaling)."""
+        if self._sample is None:
+            self._sample = self.dataset.sample(min(INIT_SAMPLE_TOKENS, self.dataset.n_train_tokens))
+        return self._sample
+
+
 class Trainer:
-    """One training run. `train(cfg)` is the public entry point."""
+    """One training run: model, optimizer, state, run directory. `train(cfg)` trains one; `train_pack`
+    steps several on the same batches. The loop that feeds batches is `_run_pack`."""
 
     def __init__(self, cfg: Config | DictConfig, on_log: OnLog | None = None):
         self.on_log = on_log
@@ -172,10 +209,36 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         self.cfg_dict: dict[str, Any] = OmegaConf.to_container(self.cfg, resolve=True)  # type: ignore[assignment]
 
+    def stream_key(self) -> str:
+        """What must be equal for two runs to share batches: data, its order, batch size and device."""
+        c = self.cfg_dict
+        return json.dumps([c["data"], c["batch_size"], str(self.device)], sort_keys=True)
+
+    def previous_outcome(self) -> dict[str, Any] | None:
+        """The metrics of a run already finished in run_dir (None if there is none to reuse); raises
+        RunStopped for a run that stopped early, ConfigError for a different run in the directory."""
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_same_run(run_dir, self.cfg_dict)
+        metrics_path = run_dir / "metrics.json"
+        if metrics_path.is_file() and not (run_dir / "checkpoint.pt").is_file():
+            finished = json.loads(metrics_path.read_text())
+            if finished.get("status") == "completed":
+                log.info("run in %s already finished; nothing to do", run_dir)
+                return finished
+            if finished.get("status") in ("diverged", "collapsed", "pruned"):
+                raise RunStopped(
+                    finished["status"], finished.get("reason", "") + f" (earlier run in {run_dir})"
+                )
+        OmegaConf.save(self.cfg, run_dir / "config.yaml", resolve=True)
+        return None
+
     # --- set-up -------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, shared: SharedData | None = None) -> None:
         cfg = self.cfg
-        self.data = open_dataset(cfg.data, cfg.seed, progress=cfg.train.progress)
+        shared = shared if shared is not None else SharedData(cfg.data, cfg.train.progress)
+        self.shared = shared
+        self.data = shared.dataset
         d_in = self.data.d_in
         arch = cfg.model.name
         self.hidden, coef, self.lr = resolve_recipe(arch, d_in, cfg.hidden_dim, cfg.l1_lambda, cfg.lr)
@@ -194,6 +257,8 @@ class Trainer:
             epochs = cfg.epochs if cfg.epochs is not None else cfg.data.default_epochs
             budget = math.ceil(epochs * self.data.n_train_tokens)
         self.total_steps = max(1, math.ceil(budget / cfg.batch_size))
+        self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
+        self.log_every_steps = max(1, round(cfg.train.log_every_tokens / cfg.batch_size))
 
         generator = torch.Generator().manual_seed(cfg.seed)
         self.sae: SAE = build_sae(cfg.model, d_in, self.hidden, generator)
@@ -205,29 +270,18 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
-            self._fresh_start(d_in)
+            self._fresh_start()
         self.sae.to(self.device)
         self.optimizer = self._make_optimizer()
         if checkpoint is not None:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.use_bf16 = self.device.type == "cuda"
+        self.sums = torch.tensor(self.state.interval_sums, device=self.device)
+        self.n_in_sums = self.state.interval_steps
 
-    def _fresh_start(self, d_in: int) -> None:
-        cfg = self.cfg
-        if cfg.data.scale_factor is not None:
-            self.scale_factor = float(cfg.data.scale_factor)
-            _, self.raw_mean_norm = self.data.estimate_scale(min(cfg.data.scale_tokens, INIT_SAMPLE_TOKENS))
-        else:
-            log.info("estimating the scale factor on up to %d tokens", cfg.data.scale_tokens)
-            self.scale_factor, self.raw_mean_norm = self.data.estimate_scale(cfg.data.scale_tokens)
-        log.info(
-            "raw mean norm %.4g, scale factor %.4g (E||x|| = sqrt(%d))",
-            self.raw_mean_norm,
-            self.scale_factor,
-            d_in,
-        )
-        sample = self.data.sample(min(INIT_SAMPLE_TOKENS, self.data.n_train_tokens)) * self.scale_factor
-        self.sae.init_from_data(sample)
+    def _fresh_start(self) -> None:
+        self.scale_factor, self.raw_mean_norm = self.shared.scale()
+        self.sae.init_from_data(self.shared.init_sample() * self.scale_factor)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         if _comparable(checkpoint["config"]) != _comparable(self.cfg_dict):
@@ -242,9 +296,6 @@ class Trainer:
         self.state = RunState(**checkpoint["state"])
         self.scale_factor = checkpoint["scale_factor"]
         self.raw_mean_norm = checkpoint["raw_mean_norm"]
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        if torch.cuda.is_available() and checkpoint.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
         self.resumed_from_tokens = self.state.tokens_seen
         log.info("resuming from checkpoint at %d tokens (step %d)", self.state.tokens_seen, self.state.step)
 
@@ -255,8 +306,20 @@ class Trainer:
             self.sae.parameters(), lr=self.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused
         )
 
-    # --- the loop -----------------------------------------------------------------------------
-    def _checkpoint(self) -> None:
+    # --- the steps ----------------------------------------------------------------------------
+    @property
+    def next_batch(self) -> int:
+        """Index (counted from the first epoch's first batch) of the batch this run trains on next."""
+        return self.state.epoch * self.batches_per_epoch + self.state.batch_in_epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def checkpoint(self) -> None:
+        """Write checkpoint.pt; a run whose loss went non-finite since the last row stops as diverged."""
+        if not bool(torch.isfinite(self.sums).all()):
+            self.end_interval()  # raises TrainingDiverged
         self.state.interval_sums = self.sums.tolist()
         self.state.interval_steps = self.n_in_sums
         write_checkpoint(
@@ -269,8 +332,6 @@ class Trainer:
                 "state": self.state.__dict__,
                 "scale_factor": self.scale_factor,
                 "raw_mean_norm": self.raw_mean_norm,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         )
 
@@ -293,79 +354,41 @@ class Trainer:
         self.dead.update(out.fired_H, x_BD.shape[0])
         return loss.detach(), out.mse.detach(), out.l0.detach()
 
-    def run_loop(self) -> None:
-        cfg, st = self.cfg, self.state
-        batch_size = cfg.batch_size
-        log_every_steps = max(1, round(cfg.train.log_every_tokens / batch_size))
-        batches = self.data.train_batches(batch_size, st.epoch, st.batch_in_epoch)
-        self.sums = torch.tensor(st.interval_sums, device=self.device)
-        self.n_in_sums = st.interval_steps
-        last_checkpoint = time.monotonic()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=st.step,
-            disable=not cfg.train.progress,
-            unit="step",
-            desc=f"{cfg.model.name} h={self.hidden}",
-            dynamic_ncols=True,
-        )
-        try:
-            with StopRequests() as stop:
-                while st.step < self.total_steps:
-                    if stop.requested:
-                        if not bool(torch.isfinite(self.sums).all()):
-                            self._end_interval(log_every_steps, bar)  # raises TrainingDiverged
-                        self._checkpoint()
-                        log.warning(
-                            "stopped by %s at %d tokens; checkpoint written, re-run the same command "
-                            "to resume",
-                            stop.requested,
-                            st.tokens_seen,
-                        )
-                        raise KeyboardInterrupt
-                    self._one_step(batches, log_every_steps)
-                    bar.update(1)
-                    if st.step % log_every_steps == 0 or st.step == self.total_steps:
-                        self._end_interval(log_every_steps, bar)
-                        if time.monotonic() - last_checkpoint >= cfg.train.checkpoint_every_s:
-                            self._checkpoint()
-                            last_checkpoint = time.monotonic()
-        finally:
-            bar.close()
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-
-    def _one_step(self, batches: Iterator[tuple[int, int, torch.Tensor]], log_every_steps: int) -> None:
+    def step(self, x: torch.Tensor, epoch: int, batch_in_epoch: int) -> bool:
+        """One optimizer step on a scaled batch already on the device; True when a log row is due."""
         st = self.state
-        t0 = time.perf_counter()
-        epoch, batch_in_epoch, x_raw = next(batches)
-        x = x_raw.to(self.device, non_blocking=True) * self.scale_factor
         loss, mse, l0 = self._train_step(x, st.step)
-        self.sums += torch.stack((loss, mse, l0))
+        self.sums += torch.stack((loss, mse, l0))  # stays on the device: no host sync per step
         self.n_in_sums += 1
         st.step += 1
         st.tokens_seen += x.shape[0]
         st.epoch, st.batch_in_epoch = epoch, batch_in_epoch + 1
-        if self.device.type == "cuda" and (st.step % log_every_steps == 0 or st.step == self.total_steps):
-            torch.cuda.synchronize()
-        st.train_seconds += time.perf_counter() - t0
+        return st.step % self.log_every_steps == 0 or st.step == self.total_steps
 
-    def _end_interval(self, log_every_steps: int, bar: tqdm) -> None:
+    def end_interval(self) -> None:
+        """Close a curves.csv row: the only host sync, once per row. May raise RunStopped (diverged,
+        collapsed, or pruned by the on_log callback)."""
         st = self.state
-        means = (self.sums / self.n_in_sums).tolist()  # the only host sync, once per log row
+        means = (self.sums / max(self.n_in_sums, 1)).tolist()
         self.sums.zero_()
         self.n_in_sums = 0
         if not all(math.isfinite(v) for v in means):
             raise TrainingDiverged(
-                f"loss became {means[0]} between steps {st.step - log_every_steps} and {st.step} "
+                f"loss became {means[0]} between steps {st.step - self.log_every_steps} and {st.step} "
                 f"(lr={self.lr:g}, l1_lambda={self.l1_lambda:g}); lower lr or l1_lambda"
             )
         self._log_row(means)
         self._check_collapse(means[2])
         if self.on_log is not None:
             self.on_log(st.curves[-1])
-        bar.set_postfix(mse=f"{means[1]:.4g}", l0=f"{means[2]:.1f}", dead=f"{self.dead.dead_frac():.1%}")
+
+    def postfix(self) -> dict[str, str]:
+        row = self.state.curves[-1] if self.state.curves else {}
+        return {
+            "mse": f"{row.get('mse', float('nan')):.4g}",
+            "l0": f"{row.get('l0', float('nan')):.1f}",
+            "dead": f"{self.dead.dead_frac():.1%}",
+        }
 
     def _check_collapse(self, interval_l0: float) -> None:
         st, o = self.state, self.cfg.optimizer
@@ -472,7 +495,14 @@ class Trainer:
         )
         return metrics
 
-    def write_outputs(self, metrics: dict[str, Any]) -> None:
+    def finish(self) -> dict[str, Any]:
+        """Evaluate the finished run, write its outputs, drop its checkpoint; returns its metrics."""
+        metrics = self.final_metrics(self.evaluate())
+        if self.cfg.eval.lm.enabled:
+            from sae_sweep.lm_eval import lm_eval_metrics
+
+            data_path = self.cfg.data.path if self.cfg.data.kind == "shards" else None
+            metrics.update(lm_eval_metrics(self.sae, self.cfg.eval.lm, data_path, self.scale_factor))
         save_sae(self.sae, self.run_dir / "sae.safetensors", self.scale_factor, self.raw_mean_norm)
         write_curves(self.run_dir / "curves.csv", self.state.curves)
         hist = density_histogram(self.density)
@@ -481,6 +511,171 @@ class Trainer:
             {"density": self.density.tolist(), "histogram": hist, **self.latents},
         )
         _write_json(self.run_dir / "metrics.json", metrics)
+        remove_checkpoint(self.run_dir)
+        return metrics
+
+    def record_stop(self, err: RunStopped) -> None:
+        """A run that stopped early: metrics.json gets its status and reason; no SAE is written."""
+        last = self.state.curves[-1] if self.state.curves else {}
+        metrics = {**last, "status": err.status, "reason": err.reason, "tokens": self.state.tokens_seen}
+        _write_json(self.run_dir / "metrics.json", metrics)
+        write_curves(self.run_dir / "curves.csv", self.state.curves)
+        remove_checkpoint(self.run_dir)
+
+
+Outcome = dict[str, Any] | BaseException  # a member's metrics, or why it has none
+
+
+def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
+    """Train set-up members (same data, batch size, device) on one stream of batches until each has
+    finished or stopped; outcomes[i] gets member i's metrics or exception. Members resumed further
+    along wait until the stream reaches them, so each sees exactly the batches it would alone."""
+    first = members[0]
+    cfg = first.cfg
+    active = dict(enumerate(members))
+    start = min(m.next_batch for m in members)
+    per_epoch = first.batches_per_epoch
+    batches = DeviceFeed(
+        first.data.train_batches(cfg.batch_size, start // per_epoch, start % per_epoch), first.device
+    )
+    checkpoint_every_s = min(m.cfg.train.checkpoint_every_s for m in members)
+    sync = first.device.type == "cuda"
+    bar = tqdm(
+        total=sum(m.total_steps for m in members),
+        initial=sum(m.state.step for m in members),
+        disable=not cfg.train.progress,
+        unit="step",
+        desc=(
+            f"{cfg.model.name} h={first.hidden}"
+            if len(members) == 1
+            else f"pack of {len(members)} on shared batches"
+        ),
+        dynamic_ncols=True,
+    )
+
+    def end(i: int, outcome: Outcome) -> None:
+        outcomes[i] = outcome
+        del active[i]
+
+    last_checkpoint = time.monotonic()
+    try:
+        with StopRequests() as stop:
+            while active:
+                if stop.requested:
+                    for i, m in list(active.items()):
+                        try:
+                            m.checkpoint()
+                        except RunStopped as err:
+                            m.record_stop(err)
+                            end(i, err)
+                    if not active:  # every run had ended (e.g. diverged): nothing to resume
+                        break
+                    log.warning(
+                        "stopped by %s at %s; checkpoint written, re-run the same command to resume",
+                        stop.requested,
+                        ", ".join(f"{m.state.tokens_seen} tokens" for m in active.values()),
+                    )
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                epoch, batch_in_epoch, x_dev = next(batches)
+                index = epoch * per_epoch + batch_in_epoch
+                stepping = [(i, m) for i, m in active.items() if m.next_batch == index]
+                scaled: dict[float, torch.Tensor] = {}  # members share a scale factor unless resumed apart
+                due = []
+                for i, m in stepping:
+                    x = scaled.get(m.scale_factor)
+                    if x is None:
+                        x = scaled[m.scale_factor] = x_dev * m.scale_factor
+                    try:
+                        if m.step(x, epoch, batch_in_epoch):
+                            due.append((i, m))
+                    except Exception as err:  # a bug in one member's model must not end the others
+                        log.exception("run in %s failed", m.run_dir)
+                        end(i, err)
+                if sync and due:
+                    torch.cuda.synchronize()  # so the wall-clock split below is the real one
+                elapsed = time.perf_counter() - t0
+                for _, m in stepping:
+                    m.state.train_seconds += elapsed / len(stepping)
+                for i, m in due:
+                    if i not in active:
+                        continue
+                    try:
+                        m.end_interval()
+                        if m.finished:
+                            end(i, m.finish())
+                    except RunStopped as err:
+                        m.record_stop(err)
+                        end(i, err)
+                    except Exception as err:
+                        log.exception("run in %s failed", m.run_dir)
+                        end(i, err)
+                bar.update(len(stepping))
+                if len(members) == 1 and first.state.curves:
+                    bar.set_postfix(first.postfix(), refresh=False)
+                elif len(members) > 1:
+                    bar.set_postfix(running=len(active), refresh=False)
+                if active and time.monotonic() - last_checkpoint >= checkpoint_every_s:
+                    for i, m in list(active.items()):
+                        try:
+                            m.checkpoint()
+                        except RunStopped as err:
+                            m.record_stop(err)
+                            end(i, err)
+                    last_checkpoint = time.monotonic()
+    finally:
+        bar.close()
+        batches.close()
+
+
+def train_pack(cfgs: list[Config | DictConfig], on_logs: list[OnLog | None] | None = None) -> list[Outcome]:
+    """Train several runs on one pass over shared batches; returns each run's metrics, or the exception
+    that stopped it (RunStopped, a SaeSweepError, or another error), in the order of `cfgs`.
+
+    Every config must name the same data, data.shuffle_seed, batch_size and device (Trainer.stream_key);
+    the runs may differ in anything else (architecture, width, l1_lambda, lr, k, seed, budget). Each run
+    keeps its own directory, checkpoint, curves and metrics, and gets exactly the result `train(cfg)`
+    gives it. KeyboardInterrupt (Ctrl-C, SIGTERM) checkpoints every unfinished run and propagates.
+    """
+    on_logs = on_logs if on_logs is not None else [None] * len(cfgs)
+    outcomes: dict[int, Outcome] = {}
+    members: dict[int, Trainer] = {}
+    for i, (cfg, on_log) in enumerate(zip(cfgs, on_logs, strict=True)):
+        try:
+            member = Trainer(cfg, on_log)
+            finished = member.previous_outcome()
+        except (SaeSweepError, RunStopped) as err:
+            outcomes[i] = err
+            continue
+        if finished is not None:
+            outcomes[i] = finished
+        else:
+            members[i] = member
+    keys = {m.stream_key() for m in members.values()}
+    if len(keys) > 1:
+        raise ValueError(
+            "train_pack: the configs differ in data, batch_size or device; they cannot share batches"
+        )
+    if members:
+        first = next(iter(members.values()))
+        try:
+            shared = SharedData(first.cfg.data, first.cfg.train.progress)
+        except SaeSweepError as err:  # the data itself: every member fails the same way
+            return [outcomes.get(i, err) for i in range(len(cfgs))]
+        ready: dict[int, Trainer] = {}
+        for i, member in members.items():
+            try:
+                member.setup(shared)
+                ready[i] = member
+            except SaeSweepError as err:
+                outcomes[i] = err
+        if ready:
+            order = list(ready)
+            sub: dict[int, Outcome] = {}
+            _run_pack([ready[i] for i in order], sub)
+            for j, outcome in sub.items():
+                outcomes[order[j]] = outcome
+    return [outcomes[i] for i in range(len(cfgs))]
 
 
 def _per_latent(hidden: int, latent_idx: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -526,37 +721,16 @@ def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> dict[str, An
     Re-running with the same config in the same directory resumes from checkpoint.pt, or returns
     the finished run's metrics without training again (raises RunStopped again for a run that
     stopped early). `on_log(row)` sees every curves.csv row as it is written; it may raise
-    RunStopped (e.g. a pruner) to end the run.
+    RunStopped (e.g. a pruner) to end the run. This is `train_pack` with one member.
     """
     trainer = Trainer(cfg, on_log)
-    run_dir = trainer.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_run(run_dir, trainer.cfg_dict)
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file() and not (run_dir / "checkpoint.pt").is_file():
-        finished = json.loads(metrics_path.read_text())
-        if finished.get("status") == "completed":
-            log.info("run in %s already finished; nothing to do", run_dir)
-            return finished
-        if finished.get("status") in ("diverged", "collapsed", "pruned"):
-            raise RunStopped(finished["status"], finished.get("reason", "") + f" (earlier run in {run_dir})")
-    OmegaConf.save(trainer.cfg, run_dir / "config.yaml", resolve=True)
+    finished = trainer.previous_outcome()
+    if finished is not None:
+        return finished
     trainer.setup()
-    try:
-        trainer.run_loop()
-    except RunStopped as err:
-        last = trainer.state.curves[-1] if trainer.state.curves else {}
-        metrics = {**last, "status": err.status, "reason": err.reason, "tokens": trainer.state.tokens_seen}
-        _write_json(metrics_path, metrics)
-        write_curves(run_dir / "curves.csv", trainer.state.curves)
-        remove_checkpoint(run_dir)
-        raise
-    metrics = trainer.final_metrics(trainer.evaluate())
-    if trainer.cfg.eval.lm.enabled:
-        from sae_sweep.lm_eval import lm_eval_metrics
-
-        data_path = trainer.cfg.data.path if trainer.cfg.data.kind == "shards" else None
-        metrics.update(lm_eval_metrics(trainer.sae, trainer.cfg.eval.lm, data_path, trainer.scale_factor))
-    trainer.write_outputs(metrics)
-    remove_checkpoint(run_dir)
-    return metrics
+    outcomes: dict[int, Outcome] = {}
+    _run_pack([trainer], outcomes)
+    outcome = outcomes[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
