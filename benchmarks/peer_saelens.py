@@ -45,8 +45,9 @@ def peer_step_time(d_in: int, hidden: int, k: int, batch: int, steps: int, spars
 
     def step() -> None:
         out = sae.training_forward_pass(
-            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0,
-                           is_logging_step=False)
+            TrainStepInput(
+                sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+            )
         )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -63,8 +64,17 @@ def ours_step_time(d_in: int, hidden: int, k: int, batch: int, steps: int) -> fl
 
 
 def run_peer(args: argparse.Namespace) -> list[dict]:
-    cmd = [args.peer_python, __file__, "--as-peer", "--k", str(args.k), "--batch", str(args.batch),
-           "--steps", str(args.steps)]
+    cmd = [
+        args.peer_python,
+        __file__,
+        "--as-peer",
+        "--k",
+        str(args.k),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -89,8 +99,13 @@ def main() -> None:
 
         for d_in, hidden in SHAPES:
             for sparse in (False, True):
-                row = {"bench": "topk_step", "library": f"sae_lens {sae_lens.__version__}",
-                       "use_sparse_activations": sparse, "d_in": d_in, "hidden": hidden}
+                row = {
+                    "bench": "topk_step",
+                    "library": f"sae_lens {sae_lens.__version__}",
+                    "use_sparse_activations": sparse,
+                    "d_in": d_in,
+                    "hidden": hidden,
+                }
                 try:
                     seconds = peer_step_time(d_in, hidden, args.k, args.batch, args.steps, sparse)
                     row["tokens_per_s"] = round(args.batch / seconds)
@@ -102,8 +117,18 @@ def main() -> None:
     for d_in, hidden in SHAPES:
         tokens_s = args.batch / ours_step_time(d_in, hidden, args.k, args.batch, args.steps)
         ours[(d_in, hidden)] = tokens_s
-        print(json.dumps({"bench": "topk_step", "library": "sae_sweep (sparse path)", "d_in": d_in,
-                          "hidden": hidden, "tokens_per_s": round(tokens_s)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "topk_step",
+                    "library": "sae_sweep (sparse path)",
+                    "d_in": d_in,
+                    "hidden": hidden,
+                    "tokens_per_s": round(tokens_s),
+                }
+            ),
+            flush=True,
+        )
     if not args.peer_python:
         print(json.dumps({"bench": "peer", "skipped": "no --peer-python given"}))
         return
@@ -116,11 +141,25 @@ def main() -> None:
             key = (row["d_in"], row["hidden"])
             best[key] = max(best.get(key, 0), row["tokens_per_s"])
     for key, tokens_s in best.items():
-        print(json.dumps({"bench": "ratio", "d_in": key[0], "hidden": key[1],
-                          "sae_sweep_over_best_sae_lens": round(ours[key] / tokens_s, 2)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "ratio",
+                    "d_in": key[0],
+                    "hidden": key[1],
+                    "sae_sweep_over_best_sae_lens": round(ours[key] / tokens_s, 2),
+                }
+            )
+        )
     if (768, 4096) in best and (768, 16384) in ours:
-        print(json.dumps({"bench": "ratio", "sae_sweep_h16384_over_sae_lens_h4096":
-                          round(ours[(768, 16384)] / best[(768, 4096)], 2)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "ratio",
+                    "sae_sweep_h16384_over_sae_lens_h4096": round(ours[(768, 16384)] / best[(768, 4096)], 2),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

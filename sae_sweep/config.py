@@ -129,6 +129,10 @@ class SweepConfig:
     heartbeat_s: int = 30  # seconds between a running trial's heartbeats
     grace_s: int = 120  # a running trial without a heartbeat for this long is retried from its checkpoint
     threads_per_worker: int | None = None  # torch threads per worker; null = cores // workers
+    # trials a worker trains together on one pass over shared batches (they must share data, batch_size
+    # and device; anything else may differ); null = auto (up to 8 for a grid, 4 for a search, as memory
+    # allows; see README "Packing"), 1 = one trial at a time
+    pack: int | None = None
     report: bool = True  # at the end, write the full report (tables, plots); false = report/trials.csv only
     launcher: str = "local"  # local (processes on this machine) | slurm (one job per worker, via submitit)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -363,6 +367,7 @@ def validate_sweep(s: SweepConfig | DictConfig) -> None:
     for key in ("n_trials", "workers", "heartbeat_s", "grace_s"):
         _positive(f"sweep.{key}", getattr(s, key))
     _positive("sweep.threads_per_worker", s.threads_per_worker, allow_none=True)
+    _positive("sweep.pack", s.pack, allow_none=True)
     if s.grace_s <= s.heartbeat_s:
         raise ConfigError("sweep.grace_s", s.grace_s, f"more than sweep.heartbeat_s ({s.heartbeat_s})")
     if s.pruner_startup_trials < 1 or s.pruner_warmup_rows < 0:

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from sae_sweep.sweep import driver, worker
 from sae_sweep.sweep.queue import GRID_ATTR
 from sae_sweep.train import train as real_train
+from sae_sweep.train.trainer import PackInterrupted
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -38,6 +39,23 @@ def small_args(data_root: Path, sweep_dir: Path, **overrides) -> list[str]:
     )
     args.update(overrides)
     return [f"{k}={v}" for k, v in args.items()]
+
+
+def patch_train(monkeypatch, fn) -> None:
+    """Every trial the worker trains (packed or not) goes through fn(cfg, on_log), one after another."""
+
+    def fake_pack(cfgs, on_logs):
+        done = {}
+        for i, (cfg, on_log) in enumerate(zip(cfgs, on_logs, strict=True)):
+            try:
+                done[i] = fn(cfg, on_log)
+            except KeyboardInterrupt:
+                raise PackInterrupted(done) from None
+            except Exception as err:
+                done[i] = err
+        return [done[i] for i in range(len(cfgs))]
+
+    monkeypatch.setattr(worker, "train_pack", fake_pack)
 
 
 def load(sweep_dir: Path) -> optuna.Study:
@@ -119,7 +137,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(data_root, sweep_dir,
             return {**real_train(cfg, on_log), "fvu": float("nan")}
         return real_train(cfg, on_log)
 
-    monkeypatch.setattr(worker, "train", flaky_train)
+    patch_train(monkeypatch, flaky_train)
     args = small_args(data_root, sweep_dir)
     assert driver.run(["seed=0,1,2,3", "lr=1e-3,1e30", *args]) == 0
     by_point = {(t.params["seed"], t.params["lr"]): t for t in load(sweep_dir).get_trials()}
@@ -173,8 +191,8 @@ def test_ctrl_c_interrupts_and_the_same_command_resumes(data_root, sweep_dir, mo
             raise KeyboardInterrupt
         return real_train(cfg, on_log)
 
-    monkeypatch.setattr(worker, "train", interrupted_once)
-    command = ["lr=1e-3,1e-4,3e-4", *small_args(data_root, sweep_dir)]
+    patch_train(monkeypatch, interrupted_once)
+    command = ["lr=1e-3,1e-4,3e-4", *small_args(data_root, sweep_dir, **{"sweep.pack": 1})]
     assert driver.run(command) == 130
     assert states(load(sweep_dir)) == ["COMPLETE", "FAIL", "WAITING", "WAITING"]  # the retry is queued
     assert driver.run(command) == 0

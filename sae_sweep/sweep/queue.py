@@ -11,6 +11,7 @@ directory moves to the new trial number and training continues from its checkpoi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -64,22 +65,52 @@ def claim(study: optuna.Study, store: StudyStore, raw: BaseStorage, n_trials: in
     The trial gets its first heartbeat, then its owner, at once: a worker killed in between leaves a
     trial StudyStore.stale still recognises. Call under StudyStore.lock().
     """
+    taken = claim_many(study, store, raw, n_trials, limit=1)
+    return taken[0] if taken else None
+
+
+def claim_many(
+    study: optuna.Study,
+    store: StudyStore,
+    raw: BaseStorage,
+    n_trials: int | None,
+    limit: int,
+    accept: Callable[[FrozenTrial], bool] | None = None,
+) -> list[int]:
+    """Take up to `limit` WAITING trials that `accept` (all, if None), as `claim` takes one."""
     trials = study.get_trials(deepcopy=False)
     waiting = sorted(
         (t for t in trials if t.state == TrialState.WAITING), key=lambda t: (not is_retry(t), t.number)
     )
     started = _started_slots(trials)
+    taken: list[int] = []
     for t in waiting:
-        if n_trials is not None and SLOT_ATTR in t.user_attrs and not is_retry(t) and started >= n_trials:
+        if len(taken) >= limit:
+            break
+        is_slot = SLOT_ATTR in t.user_attrs and not is_retry(t)
+        if n_trials is not None and is_slot and started >= n_trials:
+            continue
+        if accept is not None and not accept(t):
             continue
         try:
             if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                 store.beat(raw, t._trial_id)
                 study._storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, this_process())
-                return t._trial_id
+                taken.append(t._trial_id)
+                started += is_slot
         except UpdateFinishedTrialError:
             continue
-    return None
+    return taken
+
+
+def known_params(t: FrozenTrial) -> dict[str, Any] | None:
+    """The parameters a WAITING trial will run with, if fixed before it starts (a grid point or a retry);
+    None for a search's budget slot, whose sampler picks them when a worker takes it."""
+    if t.params:
+        return dict(t.params)
+    if SLOT_ATTR in t.user_attrs:
+        return None
+    return dict(t.system_attrs.get("fixed_params", {}))
 
 
 def retry(study: optuna.Study, t: FrozenTrial) -> None:

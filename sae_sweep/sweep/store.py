@@ -182,22 +182,28 @@ def owner_is_gone(owner: dict[str, Any] | None) -> bool:
 
 
 class Heartbeat:
-    """Beats for one running trial from a background thread until the trial is told."""
+    """Beats for running trials (one, or a pack's) from a background thread until they are told."""
 
-    def __init__(self, store: StudyStore, storage: BaseStorage, trial_id: int) -> None:
-        self.store, self.storage, self.trial_id = store, storage, trial_id
+    def __init__(self, store: StudyStore, storage: BaseStorage, trial_ids: int | list[int]) -> None:
+        self.store, self.storage = store, storage
+        self.trial_ids = [trial_ids] if isinstance(trial_ids, int) else list(trial_ids)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.trial_ids}", daemon=True)
+
+    def _beat_all(self) -> None:
+        for trial_id in self.trial_ids:
+            try:
+                self.store.beat(self.storage, trial_id)
+            except Exception as err:  # a database hiccup must not kill the trial; the next beat retries
+                print(f"[sweep] heartbeat of trial id {trial_id} failed: {err}", flush=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.store.heartbeat_s):
-            try:
-                self.store.beat(self.storage, self.trial_id)
-            except Exception as err:  # a database hiccup must not kill the trial; the next beat retries
-                print(f"[sweep] heartbeat of trial id {self.trial_id} failed: {err}", flush=True)
+            self._beat_all()
 
     def __enter__(self) -> Heartbeat:
-        self.store.beat(self.storage, self.trial_id)
+        for trial_id in self.trial_ids:
+            self.store.beat(self.storage, trial_id)
         self._thread.start()
         return self
 

@@ -13,25 +13,35 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sae_sweep.errors import SaeSweepError
 from sae_sweep.sweep.compose import Composer, trial_config
 from sae_sweep.sweep.objectives import objective_values
+from sae_sweep.sweep.packing import Packer, fair_share, stream_key
 from sae_sweep.sweep.plan import SweepPlan, make_plan, make_sampler
 from sae_sweep.sweep.pruning import CURVE_ATTR, MedianPruner
-from sae_sweep.sweep.queue import REASON_ATTR, STATUS_ATTR, claim, fail_and_retry, pending, recover
+from sae_sweep.sweep.queue import (
+    REASON_ATTR,
+    STATUS_ATTR,
+    claim,
+    claim_many,
+    fail_and_retry,
+    pending,
+    recover,
+)
 from sae_sweep.sweep.space import Dimension, format_value
 from sae_sweep.sweep.store import Heartbeat
-from sae_sweep.train import train
-from sae_sweep.train.trainer import RunStopped
+from sae_sweep.train.trainer import Outcome, PackInterrupted, RunStopped, train_pack
 
 # How a stopped run is recorded: pruned and collapsed runs stopped early on purpose, diverged ones failed.
 STOPPED_STATES = {"pruned": TrialState.PRUNED, "collapsed": TrialState.PRUNED, "diverged": TrialState.FAIL}
@@ -71,12 +81,16 @@ class Worker:
         raw: BaseStorage,
         label: str = "",
         progress: bool | None = None,
+        n_workers: int = 1,
     ) -> None:
         self.plan, self.composer, self.study, self.raw = plan, composer, study, raw
-        self.label, self.progress = label, progress
+        self.label, self.progress, self.n_workers = label, progress, n_workers
         s = plan.settings
         self.pruner = MedianPruner(s.pruner_startup_trials, s.pruner_warmup_rows) if plan.pruning else None
         self.poll_s = min(5.0, float(s.heartbeat_s))
+        self.packer: Packer | None = None
+        if s.pack != 1:
+            self.packer = Packer(plan, study, lambda params: composer.compose(plan.space.overrides(params)))
 
     def loop(self) -> int:
         """Run trials until none is left to take and none is running elsewhere; returns how many ran here."""
@@ -91,8 +105,7 @@ class Worker:
                     f"trial {number}: its worker stopped; re-enqueued to resume from its checkpoint",
                 )
             if trial_id is not None:
-                self.run_trial(trial_id)
-                ran += 1
+                ran += self.run_pack(trial_id)
                 continue
             takeable, running = pending(self.study, self.plan.n_trials)
             if takeable == 0 and running == 0:
@@ -110,50 +123,93 @@ class Worker:
                 say(self.label, f"trial {trial.number}: continues trial {number}'s run (moved to {run_dir})")
                 return
 
-    def run_trial(self, trial_id: int) -> None:
+    def _start(self, trial_id: int) -> _Member:
+        """Sample (or read) a claimed trial's parameters and compose its config."""
         trial = Trial(self.study, trial_id)
         system_attrs = self.study._storage.get_trial(trial_id).system_attrs
         run_dir = self.plan.sweep_dir / "trials" / str(trial.number)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._adopt_previous_attempt(trial, system_attrs, run_dir)
+        params = {d.name: suggest(trial, d) for d in self.plan.space.dims}
+        member = _Member(trial, params, run_dir, list(system_attrs.get(CURVE_ATTR, [])))
+        try:
+            member.cfg = trial_config(
+                self.composer.compose(self.plan.space.overrides(params)), run_dir, self.progress
+            )
+        except SaeSweepError as err:
+            member.error = err
+        return member
+
+    def _claim_companions(self, first: _Member) -> list[int]:
+        """Claim the WAITING trials that can train on the same batches as `first`, as many as pay."""
+        if self.packer is None or first.cfg is None:
+            return []
+        key = stream_key(first.cfg)
+        limit, why = self.packer.limit(first.cfg)
+        if limit <= 1:
+            return []
+
+        def compatible(t: FrozenTrial) -> bool:
+            return self.packer.key_of_waiting(t) == key  # type: ignore[union-attr]
+
+        with self.plan.store.lock():
+            trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            budget_left = pending(self.study, self.plan.n_trials)[0]
+            takeable = min(sum(1 for t in trials if compatible(t)), budget_left)
+            size = min(limit, fair_share(takeable + 1, self.n_workers))
+            taken = claim_many(
+                self.study, self.plan.store, self.raw, self.plan.n_trials, size - 1, compatible
+            )
+        first.pack_why = why
+        return taken
+
+    def run_pack(self, trial_id: int) -> int:
+        """Run a claimed trial, with the compatible trials it can share batches with; returns how many ran."""
         started = time.monotonic()
+        members = [self._start(trial_id)]
         with Heartbeat(self.plan.store, self.raw, trial_id):
-            params = {d.name: suggest(trial, d) for d in self.plan.space.dims}
-            shown = " ".join(f"{k}={format_value(v)}" for k, v in params.items()) or "(no swept keys)"
-            say(self.label, f"trial {trial.number}: {shown} -> {run_dir}")
-            state, values, status, reason, metrics = self._train(trial, params, run_dir, system_attrs)
-            attrs = {
-                **{k: _json_safe(v) for k, v in metrics.items()},
-                "run_dir": str(run_dir),
-                STATUS_ATTR: status,
-            }
-            if reason:
-                attrs[REASON_ATTR] = reason
-            try:
-                for key, value in attrs.items():
-                    trial.set_user_attr(key, value)
-                self.study.tell(trial, values, state=state)
-            except (UpdateFinishedTrialError, ValueError) as err:
+            companions = self._claim_companions(members[0])
+        with Heartbeat(self.plan.store, self.raw, [trial_id, *companions]):
+            members += [self._start(i) for i in companions]
+            if len(members) > 1:
+                numbers = ", ".join(str(m.trial.number) for m in members)
                 say(
                     self.label,
-                    f"trial {trial.number}: could not be recorded ({err}); another worker took it "
-                    "over after its heartbeat stopped, and its retry will reuse this run",
+                    f"trials {numbers}: packed, one pass over shared batches ({members[0].pack_why}; "
+                    "sweep.pack=1 turns packing off)",
                 )
-                return
-        summary = " ".join(
-            f"{o.metric}={metrics[o.metric]:.4g}"
-            for o in self.plan.objectives
-            if isinstance(metrics.get(o.metric), (int, float))
-        )
-        why = f" ({reason})" if reason else ""
-        say(self.label, f"trial {trial.number}: {status}{why} {summary} [{time.monotonic() - started:.0f} s]")
+            for m in members:
+                shown = " ".join(f"{k}={format_value(v)}" for k, v in m.params.items()) or "(no swept keys)"
+                say(self.label, f"trial {m.trial.number}: {shown} -> {m.run_dir}")
+            try:
+                self._train(members)
+            except KeyboardInterrupt:
+                for m in members:  # members that had ended are recorded; the others resume from checkpoints
+                    if m.outcome is not None:
+                        self._record(m, started)
+                with self.plan.store.lock():
+                    for m in members:
+                        if m.outcome is None:
+                            fail_and_retry(
+                                self.study,
+                                self.study._storage.get_trial(m.trial._trial_id),
+                                "interrupted (Ctrl-C or SIGTERM); resumed by a retry",
+                            )
+                for m in members:
+                    if m.outcome is None:
+                        say(
+                            self.label,
+                            f"trial {m.trial.number}: interrupted; the same command resumes it from its "
+                            "checkpoint",
+                        )
+                raise
+            for m in members:
+                self._record(m, started)
+        return len(members)
 
-    def _train(
-        self, trial: Trial, params: dict[str, Any], run_dir: Path, system_attrs: dict[str, Any]
-    ) -> tuple[TrialState, list[float] | None, str, str, dict[str, Any]]:
-        """Train the trial; returns (state, values, status, reason, metrics). Interrupts re-enqueue it."""
-        curve: list[list[float]] = list(system_attrs.get(CURVE_ATTR, []))
+    def _on_log(self, m: _Member) -> Callable[[dict[str, float]], None]:
         objectives = self.plan.objectives
+        trial, curve = m.trial, m.curve
 
         def on_log(row: dict[str, float]) -> None:
             badness = [o.badness(row) for o in objectives]
@@ -170,35 +226,91 @@ class Worker:
                 if why:
                     raise RunStopped("pruned", why)
 
+        return on_log
+
+    def _train(self, members: list[_Member]) -> None:
+        """Train the members (those sharing a stream together) and set each one's outcome."""
+        groups: dict[str, list[_Member]] = {}
+        for m in members:
+            if m.error is not None:
+                m.outcome = m.error
+            else:
+                groups.setdefault(stream_key(m.cfg), []).append(m)  # type: ignore[arg-type]
+        for group in groups.values():
+            try:
+                outcomes = train_pack([m.cfg for m in group], [self._on_log(m) for m in group])  # type: ignore[misc]
+            except PackInterrupted as stop:
+                for j, outcome in stop.outcomes.items():
+                    group[j].outcome = outcome
+                raise
+            for m, outcome in zip(group, outcomes, strict=True):
+                m.outcome = outcome
+
+    def _record(self, m: _Member, started: float) -> None:
+        state, values, status, reason, metrics = _judge(m, self.plan.objectives)
+        trial = m.trial
+        if status == "failed" and not isinstance(m.outcome, (SaeSweepError, RunStopped, dict)):
+            err = m.outcome
+            traceback.print_exception(type(err), err, err.__traceback__)  # type: ignore[arg-type]
+        attrs = {
+            **{k: _json_safe(v) for k, v in metrics.items()},
+            "run_dir": str(m.run_dir),
+            STATUS_ATTR: status,
+        }
+        if reason:
+            attrs[REASON_ATTR] = reason
         try:
-            cfg = trial_config(
-                self.composer.compose(self.plan.space.overrides(params)), run_dir, self.progress
-            )
-            metrics = train(cfg, on_log=on_log)
-        except RunStopped as err:
-            state = STOPPED_STATES.get(err.status, TrialState.FAIL)
-            return state, None, err.status, err.reason, _read_metrics(run_dir)
-        except KeyboardInterrupt:
-            with self.plan.store.lock():
-                fail_and_retry(
-                    self.study,
-                    self.study._storage.get_trial(trial._trial_id),
-                    "interrupted (Ctrl-C or SIGTERM); resumed by a retry",
-                )
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            self.study.tell(trial, values, state=state)
+        except (UpdateFinishedTrialError, ValueError) as err:
             say(
                 self.label,
-                f"trial {trial.number}: interrupted; the same command resumes it from its checkpoint",
+                f"trial {trial.number}: could not be recorded ({err}); another worker took it "
+                "over after its heartbeat stopped, and its retry will reuse this run",
             )
-            raise
-        except SaeSweepError as err:
-            return TrialState.FAIL, None, "failed", str(err), _read_metrics(run_dir)
-        except Exception as err:  # a bug or a broken environment in one trial must not end the sweep
-            traceback.print_exc()
-            return TrialState.FAIL, None, "failed", f"{type(err).__name__}: {err}", _read_metrics(run_dir)
-        values, why = objective_values(objectives, metrics)
-        if values is None:
-            return TrialState.FAIL, None, "failed", why, metrics
-        return TrialState.COMPLETE, values, "completed", "", metrics
+            return
+        summary = " ".join(
+            f"{o.metric}={metrics[o.metric]:.4g}"
+            for o in self.plan.objectives
+            if isinstance(metrics.get(o.metric), (int, float))
+        )
+        why = f" ({reason})" if reason else ""
+        say(self.label, f"trial {trial.number}: {status}{why} {summary} [{time.monotonic() - started:.0f} s]")
+
+
+@dataclass
+class _Member:
+    """A claimed trial on its way through a pack."""
+
+    trial: Trial
+    params: dict[str, Any]
+    run_dir: Path
+    curve: list[list[float]]
+    cfg: DictConfig | None = None
+    error: SaeSweepError | None = None  # its config could not be composed
+    outcome: Outcome | None = None
+    pack_why: str = ""
+
+
+def _judge(
+    m: _Member, objectives: list[Any]
+) -> tuple[TrialState, list[float] | None, str, str, dict[str, Any]]:
+    """(state, values, status, reason, metrics) of a member's outcome."""
+    outcome = m.outcome
+    if isinstance(outcome, RunStopped):
+        state = STOPPED_STATES.get(outcome.status, TrialState.FAIL)
+        return state, None, outcome.status, outcome.reason, _read_metrics(m.run_dir)
+    if isinstance(outcome, SaeSweepError):
+        return TrialState.FAIL, None, "failed", str(outcome), _read_metrics(m.run_dir)
+    if isinstance(outcome, BaseException):  # a bug or a broken environment in one trial: not the sweep's end
+        why = f"{type(outcome).__name__}: {outcome}"
+        return TrialState.FAIL, None, "failed", why, _read_metrics(m.run_dir)
+    assert outcome is not None
+    values, why = objective_values(objectives, outcome)
+    if values is None:
+        return TrialState.FAIL, None, "failed", why, outcome
+    return TrialState.COMPLETE, values, "completed", "", outcome
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
@@ -247,7 +359,7 @@ def run_worker(spec: WorkerSpec) -> int:
         study, raw = open_study(plan, spec.worker_index)
         label = f" w{spec.worker_index}" if spec.n_workers > 1 else ""
         progress = False if spec.n_workers > 1 else None  # interleaved progress bars are unreadable
-        return Worker(plan, composer, study, raw, label, progress).loop()
+        return Worker(plan, composer, study, raw, label, progress, spec.n_workers).loop()
 
 
 def main(argv: list[str]) -> int:

@@ -526,6 +526,15 @@ class Trainer:
 Outcome = dict[str, Any] | BaseException  # a member's metrics, or why it has none
 
 
+class PackInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during train_pack: `outcomes` holds the members that had ended by then (by index
+    in the configs); every other member wrote its checkpoint and resumes from it."""
+
+    def __init__(self, outcomes: dict[int, Outcome]) -> None:
+        super().__init__()
+        self.outcomes = outcomes
+
+
 def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
     """Train set-up members (same data, batch size, device) on one stream of batches until each has
     finished or stopped; outcomes[i] gets member i's metrics or exception. Members resumed further
@@ -635,7 +644,8 @@ def train_pack(cfgs: list[Config | DictConfig], on_logs: list[OnLog | None] | No
     Every config must name the same data, data.shuffle_seed, batch_size and device (Trainer.stream_key);
     the runs may differ in anything else (architecture, width, l1_lambda, lr, k, seed, budget). Each run
     keeps its own directory, checkpoint, curves and metrics, and gets exactly the result `train(cfg)`
-    gives it. KeyboardInterrupt (Ctrl-C, SIGTERM) checkpoints every unfinished run and propagates.
+    gives it. Ctrl-C or SIGTERM checkpoints every unfinished run and raises PackInterrupted, which carries
+    the outcomes of the runs that had ended.
     """
     on_logs = on_logs if on_logs is not None else [None] * len(cfgs)
     outcomes: dict[int, Outcome] = {}
@@ -672,7 +682,11 @@ def train_pack(cfgs: list[Config | DictConfig], on_logs: list[OnLog | None] | No
         if ready:
             order = list(ready)
             sub: dict[int, Outcome] = {}
-            _run_pack([ready[i] for i in order], sub)
+            try:
+                _run_pack([ready[i] for i in order], sub)
+            except KeyboardInterrupt:
+                outcomes.update({order[j]: outcome for j, outcome in sub.items()})
+                raise PackInterrupted(outcomes) from None
             for j, outcome in sub.items():
                 outcomes[order[j]] = outcome
     return [outcomes[i] for i in range(len(cfgs))]

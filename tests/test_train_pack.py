@@ -1,0 +1,140 @@
+"""train_pack: runs that share data and batch size train on one stream of batches, each with exactly the
+result it gets alone, its own directory, checkpoint, curves and stop."""
+
+import csv
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sae_sweep.errors import ConfigError
+from sae_sweep.train import train
+from sae_sweep.train.trainer import RunStopped, Trainer, TrainingDiverged, train_pack
+
+TIMING = ("tokens_per_s", "train_seconds")
+
+# Members differ in everything a pack allows: architecture, width, l1_lambda, lr, k, seed, budget.
+MEMBERS = [
+    dict(l1_lambda=1.0),
+    dict(l1_lambda=3.0, lr=2e-3, seed=1),
+    dict(model="topk", k=3, seed=2),
+    dict(model="jumprelu", hidden_dim=64, tokens=60_000),
+]
+
+
+def _cfgs(make_cfg, root: Path, members=MEMBERS, **common):
+    return [
+        make_cfg(**{"tokens": 100_000, **common, **m, "out_dir": str(root / f"m{i}")})
+        for i, m in enumerate(members)
+    ]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] == wb[name]).all(), f"{a.name}: {name}"
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for key in set(ma) | set(mb):
+        if key not in TIMING and key != "resumed_from_tokens":
+            assert ma.get(key) == mb.get(key), f"{a.name}: {key}"
+
+    def rows(d):
+        with open(d / "curves.csv") as fh:
+            return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in csv.DictReader(fh)]
+
+    assert rows(a) == rows(b)
+
+
+def test_each_member_of_a_pack_gets_exactly_its_solo_result(make_cfg, tmp_path):
+    solo = _cfgs(make_cfg, tmp_path / "solo")
+    for cfg in solo:
+        train(cfg)
+    packed = _cfgs(make_cfg, tmp_path / "packed")
+    outcomes = train_pack(packed)
+    assert all(isinstance(o, dict) and o["status"] == "completed" for o in outcomes)
+    assert outcomes[3]["tokens"] < outcomes[0]["tokens"]  # the shorter budget finished early
+    for a, b in zip(solo, packed, strict=True):
+        _same_run(Path(a.out_dir), Path(b.out_dir))
+        assert not (Path(b.out_dir) / "checkpoint.pt").exists()
+
+
+def test_a_stopped_member_does_not_stop_the_others(make_cfg, tmp_path):
+    members = [dict(l1_lambda=1.0), dict(lr=1e30), dict(l1_lambda=2.0), dict(model="topk", k=999)]
+    cfgs = _cfgs(make_cfg, tmp_path, members)
+    rows_seen = []
+
+    def prune_late(row):
+        rows_seen.append(row["tokens"])
+        if row["tokens"] >= 50_000:
+            raise RunStopped("pruned", "worse than the median")
+
+    outcomes = train_pack(cfgs, [None, None, prune_late, None])
+    assert outcomes[0]["status"] == "completed"
+    assert isinstance(outcomes[1], TrainingDiverged)
+    assert isinstance(outcomes[2], RunStopped) and outcomes[2].status == "pruned"
+    assert isinstance(outcomes[3], ConfigError) and "model.k" in str(outcomes[3])
+    for i, status in [(1, "diverged"), (2, "pruned")]:
+        saved = json.loads((Path(cfgs[i].out_dir) / "metrics.json").read_text())
+        assert saved["status"] == status and not (Path(cfgs[i].out_dir) / "sae.safetensors").exists()
+    assert max(rows_seen) < 60_000  # the pruned member stopped at its first row past 50k tokens
+    # the survivor still gets its solo result
+    train(make_cfg(tokens=100_000, l1_lambda=1.0, out_dir=str(tmp_path / "solo")))
+    _same_run(tmp_path / "solo", Path(cfgs[0].out_dir))
+
+
+def _interrupt_after(monkeypatch, n_steps):
+    real = Trainer._train_step
+    calls = {"n": 0}
+
+    def step(self, x, s):
+        calls["n"] += 1
+        if calls["n"] == n_steps:  # a SIGINT mid-step: the pack finishes the batch, then checkpoints
+            signal.raise_signal(signal.SIGINT)
+        return real(self, x, s)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+
+def test_an_interrupted_pack_resumes_every_member(make_cfg, tmp_path, monkeypatch):
+    packed = _cfgs(make_cfg, tmp_path / "packed")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 4 * 60 + 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_pack(packed)
+    assert all((Path(c.out_dir) / "checkpoint.pt").is_file() for c in packed)
+    outcomes = train_pack(packed)
+    assert [o["resumed_from_tokens"] for o in outcomes] == [61 * 512] * 4
+    for cfg in _cfgs(make_cfg, tmp_path / "solo"):
+        train(cfg)
+    for i in range(4):
+        _same_run(tmp_path / "solo" / f"m{i}", tmp_path / "packed" / f"m{i}")
+
+
+def test_members_resumed_at_different_points_share_the_rest_of_the_stream(make_cfg, tmp_path, monkeypatch):
+    # m0 was interrupted alone at step 40; m1 never started; m2 already finished
+    cfgs = _cfgs(make_cfg, tmp_path / "packed", MEMBERS[:3])
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 40)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfgs[0])
+    done = train(cfgs[2])
+    outcomes = train_pack(cfgs)
+    assert outcomes[0]["resumed_from_tokens"] == 40 * 512
+    assert outcomes[1]["resumed_from_tokens"] == 0
+    assert outcomes[2] == json.loads(json.dumps(done))  # not trained again
+    for cfg in _cfgs(make_cfg, tmp_path / "solo", MEMBERS[:2]):
+        train(cfg)
+    for i in range(2):
+        _same_run(tmp_path / "solo" / f"m{i}", tmp_path / "packed" / f"m{i}")
+
+
+def test_configs_that_cannot_share_batches_are_refused(make_cfg, tmp_path):
+    cfgs = [
+        make_cfg(out_dir=str(tmp_path / "a")),
+        make_cfg(batch_size=256, out_dir=str(tmp_path / "b")),
+    ]
+    with pytest.raises(ValueError, match="cannot share batches"):
+        train_pack(cfgs)
