@@ -87,7 +87,7 @@ def fake_cuda(monkeypatch):
 @pytest.mark.parametrize("n", [0, 1, 7])
 def test_cuda_path_keeps_order_values_and_bounded_lookahead(fake_cuda, depth, n):
     source = Tracked(make_batches(n))
-    feed = DeviceFeed(source, CUDA, depth=depth)
+    feed = DeviceFeed(source, CUDA, depth=depth, host_thread=False)
     (ops,) = fake_cuda
     out = []
     for epoch, batch, x in feed:
@@ -122,7 +122,7 @@ def test_cuda_path_copies_the_pinned_tensor_not_the_source(fake_cuda):
             assert any(x is p for p in pinned), "copied from pageable memory"
             return super().copy(x)
 
-    feed = DeviceFeed(iter(make_batches(4)), CUDA, depth=2)
+    feed = DeviceFeed(iter(make_batches(4)), CUDA, depth=2, host_thread=False)
     feed._ops = PinRecorder(CUDA)
     assert len(list(feed)) == 4 and len(pinned) == 4
 
@@ -138,7 +138,7 @@ def test_close_closes_the_wrapped_generator(fake_cuda):
         finally:
             state["finally"] = True
 
-    feed = DeviceFeed(gen(), CUDA, depth=2)
+    feed = DeviceFeed(gen(), CUDA, depth=2, host_thread=False)
     assert next(feed)[:2] == (0, 0)
     assert state == {"finally": False, "yielded": 3}
     feed.close()
@@ -162,13 +162,62 @@ def test_close_once_and_without_a_close_method(fake_cuda, device):
     DeviceFeed(iter(make_batches(2)), torch.device(device)).close()  # a list iterator has no close()
 
 
-def test_errors_from_the_wrapped_iterator_propagate(fake_cuda):
+@pytest.mark.parametrize("host_thread", [False, True])
+def test_errors_from_the_wrapped_iterator_propagate(fake_cuda, host_thread):
     def broken():
         yield from make_batches(2)
         raise RuntimeError("shard unreadable")
 
     with pytest.raises(RuntimeError, match="shard unreadable"):
-        list(DeviceFeed(broken(), CUDA, depth=1))
+        list(DeviceFeed(broken(), CUDA, depth=1, host_thread=host_thread))
+
+
+def test_host_thread_gathers_and_pins_off_the_loop_in_order(fake_cuda):
+    import threading
+
+    pin_threads = []
+
+    class ThreadRecorder(FakeOps):
+        def pin(self, x):
+            pin_threads.append(threading.current_thread())
+            return super().pin(x)
+
+    source = Tracked(make_batches(11))
+    feed = DeviceFeed(source, CUDA, depth=2)
+    feed._ops = ThreadRecorder(CUDA)
+    out = list(feed)
+    assert [(e, b) for e, b, _ in out] == positions(11)
+    for i, (_, _, x) in enumerate(out):
+        assert torch.equal(x, torch.full((4, 5), float(i)))
+    assert len(pin_threads) == 11 and threading.main_thread() not in pin_threads
+    with pytest.raises(StopIteration):
+        next(feed)
+    feed.close()
+    assert source.closed
+
+
+def test_close_stops_a_host_thread_blocked_on_a_full_queue(fake_cuda):
+    import time
+
+    state = {"finally": False, "yielded": 0}
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                state["yielded"] += 1
+                yield 0, i, torch.full((4, 5), float(i))
+                i += 1
+        finally:
+            state["finally"] = True
+
+    feed = DeviceFeed(endless(), CUDA, depth=2)
+    assert next(feed)[1] == 0
+    time.sleep(0.2)  # the thread fills its queue and blocks
+    ahead = state["yielded"]
+    assert ahead <= 1 + 2 + 2 + 1  # handed out + copies in flight + queue + the one it holds
+    feed.close()
+    assert state["finally"] and not feed._host.thread.is_alive()
 
 
 def test_depth_must_be_positive():
