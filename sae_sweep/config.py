@@ -27,6 +27,7 @@ TOPK_FAMILY = ("topk", "batchtopk")
 USES_SPARSITY_COEF = ("relu", "jumprelu")
 DATA_KINDS = ("synthetic", "shards")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -92,6 +93,9 @@ class TrainConfig:
     eval_tokens: int | None = None  # cap on held-out tokens evaluated (null = the whole split)
     progress: bool = True  # show a tqdm progress bar
     stop_on_collapse: bool = True  # stop (status collapsed) if every latent goes silent after warm-up
+    # matmuls of the forward pass: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; weights,
+    # optimizer state and the loss stay fp32 either way
+    precision: str = "auto"
 
 
 @dataclass
@@ -349,6 +353,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _fraction("optimizer.beta1", o.beta1)
     _fraction("optimizer.beta2", o.beta2)
     _positive("optimizer.eps", o.eps)
+    one_of("train.precision", t.precision, PRECISIONS)
     _positive("train.log_every_tokens", t.log_every_tokens)
     _positive("train.checkpoint_every_s", t.checkpoint_every_s)
     _positive("train.dead_window", t.dead_window)

@@ -330,3 +330,20 @@ def test_cli_refuses_a_shard_with_nan_naming_the_file(tmp_path):
     assert (
         "b.npy" in res.stderr and "NaN" in res.stderr.replace("nan", "NaN") and "Traceback" not in res.stderr
     )
+
+
+@pytest.mark.parametrize("model,k", [("relu", None), ("topk", 3), ("batchtopk", 3), ("jumprelu", None)])
+def test_bf16_autocast_path_trains_close_to_fp32(make_cfg, tmp_path, model, k):
+    # the CUDA default (bf16 autocast) run through CPU autocast: same recipe, fp32 weights, close results
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = make_cfg(
+            model=model, k=k, tokens=60_000, out_dir=str(tmp_path / precision), train={"precision": precision}
+        )
+        runs[precision] = train(cfg)
+    weights = load_file(str(tmp_path / "bf16" / "sae.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert bf16["explained_variance"] == pytest.approx(fp32["explained_variance"], abs=0.05)
+    assert bf16["l0"] == pytest.approx(fp32["l0"], rel=0.25, abs=1.0)
+    assert runs["fp32"]["mse"] != runs["bf16"]["mse"]  # bf16 really ran

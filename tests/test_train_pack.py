@@ -106,7 +106,10 @@ def test_an_interrupted_pack_resumes_every_member(make_cfg, tmp_path, monkeypatc
             train_pack(packed)
     assert all((Path(c.out_dir) / "checkpoint.pt").is_file() for c in packed)
     outcomes = train_pack(packed)
-    assert [o["resumed_from_tokens"] for o in outcomes] == [61 * 512] * 4
+    resumed = [o["resumed_from_tokens"] for o in outcomes]
+    # members step through a window of batches in turn, so they stop at different points
+    assert all(0 < r < o["tokens"] for r, o in zip(resumed, outcomes, strict=True))
+    assert len(set(resumed)) > 1
     for cfg in _cfgs(make_cfg, tmp_path / "solo"):
         train(cfg)
     for i in range(4):

@@ -138,6 +138,9 @@ class TopKSAE(SAE):
         vals_BK, idx_BK, aux_vals, aux_idx = _SparseTopKEncoder.apply(
             x_BD, self.W_enc, self.b_enc, self.b_dec, self.k, dead_H, self.aux_k, self.subtract_b_dec
         )
+        # Under bf16 autocast the encoder's values come out bf16; embedding_bag (no autocast rule) needs
+        # them in the decoder's dtype, and a gather of k rows per token gains nothing from bf16.
+        vals_BK, aux_vals = vals_BK.to(self.W_dec.dtype), aux_vals.to(self.W_dec.dtype)
         x_hat_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK, mode="sum") + self.b_dec
         aux = x_BD.new_zeros((), dtype=torch.float32)
         if use_aux:

@@ -275,7 +275,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         if checkpoint is not None:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.use_bf16 = self.device.type == "cuda"
+        precision = cfg.train.precision
+        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.sums = torch.tensor(self.state.interval_sums, device=self.device)
         self.n_in_sums = self.state.interval_steps
 
@@ -340,7 +341,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * lr_multiplier(step, self.total_steps, o.lr_warmup_frac, o.lr_decay_frac)
         coef = sparsity_coefficient(step, self.total_steps, self.l1_lambda, o.l1_warmup_frac)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
         with autocast:
             out = self.sae(x_BD)
         loss = out.mse + coef * out.sparsity + out.aux
@@ -535,6 +536,19 @@ class PackInterrupted(KeyboardInterrupt):
         self.outcomes = outcomes
 
 
+# A pack steps each member through a window of shared batches before the next member's turn: its weights
+# and Adam state stay in cache for the window (on this CPU round-robin stepping of 8 small SAEs lost
+# 5-15% to cache misses), while the window's batches are read once for every member.
+WINDOW_BYTES = 64 * 2**20
+MAX_WINDOW = 8
+
+
+def _window(n_members: int, batch_size: int, d_in: int) -> int:
+    if n_members == 1:
+        return 1
+    return max(1, min(MAX_WINDOW, WINDOW_BYTES // (4 * batch_size * d_in)))
+
+
 def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
     """Train set-up members (same data, batch size, device) on one stream of batches until each has
     finished or stopped; outcomes[i] gets member i's metrics or exception. Members resumed further
@@ -547,6 +561,7 @@ def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
     batches = DeviceFeed(
         first.data.train_batches(cfg.batch_size, start // per_epoch, start % per_epoch), first.device
     )
+    window = _window(len(members), cfg.batch_size, first.data.d_in)
     checkpoint_every_s = min(m.cfg.train.checkpoint_every_s for m in members)
     sync = first.device.type == "cuda"
     bar = tqdm(
@@ -566,17 +581,20 @@ def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
         outcomes[i] = outcome
         del active[i]
 
+    def checkpoint_all() -> None:
+        for i, m in list(active.items()):
+            try:
+                m.checkpoint()
+            except RunStopped as err:
+                m.record_stop(err)
+                end(i, err)
+
     last_checkpoint = time.monotonic()
     try:
         with StopRequests() as stop:
             while active:
                 if stop.requested:
-                    for i, m in list(active.items()):
-                        try:
-                            m.checkpoint()
-                        except RunStopped as err:
-                            m.record_stop(err)
-                            end(i, err)
+                    checkpoint_all()
                     if not active:  # every run had ended (e.g. diverged): nothing to resume
                         break
                     log.warning(
@@ -586,51 +604,52 @@ def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
                     )
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
-                epoch, batch_in_epoch, x_dev = next(batches)
-                index = epoch * per_epoch + batch_in_epoch
-                stepping = [(i, m) for i, m in active.items() if m.next_batch == index]
-                scaled: dict[float, torch.Tensor] = {}  # members share a scale factor unless resumed apart
-                due = []
-                for i, m in stepping:
-                    x = scaled.get(m.scale_factor)
-                    if x is None:
-                        x = scaled[m.scale_factor] = x_dev * m.scale_factor
-                    try:
-                        if m.step(x, epoch, batch_in_epoch):
-                            due.append((i, m))
-                    except Exception as err:  # a bug in one member's model must not end the others
-                        log.exception("run in %s failed", m.run_dir)
-                        end(i, err)
-                if sync and due:
-                    torch.cuda.synchronize()  # so the wall-clock split below is the real one
-                elapsed = time.perf_counter() - t0
-                for _, m in stepping:
-                    m.state.train_seconds += elapsed / len(stepping)
-                for i, m in due:
-                    if i not in active:
-                        continue
-                    try:
-                        m.end_interval()
-                        if m.finished:
-                            end(i, m.finish())
-                    except RunStopped as err:
-                        m.record_stop(err)
-                        end(i, err)
-                    except Exception as err:
-                        log.exception("run in %s failed", m.run_dir)
-                        end(i, err)
-                bar.update(len(stepping))
+                shared = []  # (epoch, batch in epoch, index, x raw on the device)
+                for _ in range(window):
+                    epoch, batch_in_epoch, x_dev = next(batches)
+                    shared.append((epoch, batch_in_epoch, epoch * per_epoch + batch_in_epoch, x_dev))
+                scaled: dict[tuple[float, int], torch.Tensor] = {}  # one product per scale factor
+                steps_done: dict[int, int] = {}
+                outside = 0.0  # seconds spent evaluating finished runs: not training time
+                for i, m in list(active.items()):
+                    for epoch, batch_in_epoch, index, x_dev in shared:
+                        if i not in active or stop.requested:
+                            break
+                        if m.next_batch != index:
+                            continue
+                        key = (m.scale_factor, index)
+                        if key not in scaled:
+                            scaled[key] = x_dev * m.scale_factor
+                        try:
+                            due = m.step(scaled[key], epoch, batch_in_epoch)
+                            steps_done[i] = steps_done.get(i, 0) + 1
+                            if due:
+                                if sync:
+                                    torch.cuda.synchronize()  # so the wall-clock split is the real one
+                                m.end_interval()
+                                if m.finished:
+                                    t_finish = time.perf_counter()
+                                    end(i, m.finish())
+                                    outside += time.perf_counter() - t_finish
+                        except RunStopped as err:
+                            m.record_stop(err)
+                            end(i, err)
+                        except Exception as err:  # a bug in one member's model must not end the others
+                            log.exception("run in %s failed", m.run_dir)
+                            end(i, err)
+                if sync:
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t0 - outside
+                total = sum(steps_done.values())
+                for i, n in steps_done.items():
+                    members[i].state.train_seconds += elapsed * n / total
+                bar.update(total)
                 if len(members) == 1 and first.state.curves:
                     bar.set_postfix(first.postfix(), refresh=False)
                 elif len(members) > 1:
                     bar.set_postfix(running=len(active), refresh=False)
                 if active and time.monotonic() - last_checkpoint >= checkpoint_every_s:
-                    for i, m in list(active.items()):
-                        try:
-                            m.checkpoint()
-                        except RunStopped as err:
-                            m.record_stop(err)
-                            end(i, err)
+                    checkpoint_all()
                     last_checkpoint = time.monotonic()
     finally:
         bar.close()
