@@ -94,10 +94,10 @@ class Packer:
 
     def key_of_waiting(self, t: FrozenTrial) -> str | None:
         """The stream key a WAITING trial will have, or None when its sampler has yet to decide it."""
+        if not self.stream_dims:  # no swept key changes the stream: every trial shares it
+            return self.base_key
         params = known_params(t)
-        if params is None:
-            return None if self.stream_dims else self.base_key
-        return self.key_of(params)
+        return None if params is None else self.key_of(params)
 
     def limit(self, cfg: DictConfig) -> tuple[int, str]:
         """(most members for a pack led by a trial with config `cfg`, why that many)."""
