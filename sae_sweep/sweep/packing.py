@@ -24,21 +24,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from sae_sweep.config import resolve_recipe
 from sae_sweep.sweep.queue import known_params
+from sae_sweep.train.trainer import stream_key
 
 AUTO_MAX_GRID = 8
 AUTO_MAX_SEARCH = 4
 MEMORY_SHARE = 0.25  # of RAM (CPU) or GPU memory that a pack's resident weights and Adam state may use
-
-
-def stream_key(cfg: DictConfig) -> str:
-    """What trials must agree on to share batches."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return json.dumps([data, cfg.batch_size, cfg.device], sort_keys=True)
 
 
 def data_width(cfg: DictConfig) -> int | None:

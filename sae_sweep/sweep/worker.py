@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from sae_sweep.errors import SaeSweepError
 from sae_sweep.sweep.compose import Composer, trial_config
 from sae_sweep.sweep.objectives import objective_values
-from sae_sweep.sweep.packing import Packer, fair_share, stream_key
+from sae_sweep.sweep.packing import Packer, fair_share
 from sae_sweep.sweep.plan import SweepPlan, make_plan, make_sampler
 from sae_sweep.sweep.pruning import CURVE_ATTR, MedianPruner
 from sae_sweep.sweep.queue import (
@@ -41,7 +41,7 @@ from sae_sweep.sweep.queue import (
 )
 from sae_sweep.sweep.space import Dimension, format_value
 from sae_sweep.sweep.store import Heartbeat
-from sae_sweep.train.trainer import Outcome, PackInterrupted, RunStopped, train_pack
+from sae_sweep.train.trainer import Outcome, PackInterrupted, RunStopped, stream_key, train_pack
 
 # How a stopped run is recorded: pruned and collapsed runs stopped early on purpose, diverged ones failed.
 STOPPED_STATES = {"pruned": TrialState.PRUNED, "collapsed": TrialState.PRUNED, "diverged": TrialState.FAIL}

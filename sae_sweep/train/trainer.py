@@ -71,6 +71,13 @@ class TrainingCollapsed(RunStopped):
         super().__init__("collapsed", reason)
 
 
+def stream_key(cfg: Config | DictConfig) -> str:
+    """What runs must agree on to share batches (train_pack): the data, its order, batch size, device."""
+    cfg = _as_dictconfig(cfg)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return json.dumps([data, cfg.batch_size, str(resolve_device(cfg.device))], sort_keys=True)
+
+
 OnLog = Callable[[dict[str, float]], None]
 # A run whose mean L0 stays below this after the sparsity warm-up has collapsed (< 1 firing per 100 tokens).
 COLLAPSED_L0 = 0.01
@@ -208,11 +215,6 @@ class Trainer:
         self.run_dir = Path(self.cfg.out_dir)
         self.device = resolve_device(self.cfg.device)
         self.cfg_dict: dict[str, Any] = OmegaConf.to_container(self.cfg, resolve=True)  # type: ignore[assignment]
-
-    def stream_key(self) -> str:
-        """What must be equal for two runs to share batches: data, its order, batch size and device."""
-        c = self.cfg_dict
-        return json.dumps([c["data"], c["batch_size"], str(self.device)], sort_keys=True)
 
     def previous_outcome(self) -> dict[str, Any] | None:
         """The metrics of a run already finished in run_dir (None if there is none to reuse); raises
@@ -610,6 +612,7 @@ def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
                     shared.append((epoch, batch_in_epoch, epoch * per_epoch + batch_in_epoch, x_dev))
                 scaled: dict[tuple[float, int], torch.Tensor] = {}  # one product per scale factor
                 steps_done: dict[int, int] = {}
+                logged = False  # on CUDA the host waits for the device only in windows that log a row
                 outside = 0.0  # seconds spent evaluating finished runs: not training time
                 for i, m in list(active.items()):
                     for epoch, batch_in_epoch, index, x_dev in shared:
@@ -624,8 +627,7 @@ def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
                             due = m.step(scaled[key], epoch, batch_in_epoch)
                             steps_done[i] = steps_done.get(i, 0) + 1
                             if due:
-                                if sync:
-                                    torch.cuda.synchronize()  # so the wall-clock split is the real one
+                                logged = True
                                 m.end_interval()
                                 if m.finished:
                                     t_finish = time.perf_counter()
@@ -637,8 +639,8 @@ def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
                         except Exception as err:  # a bug in one member's model must not end the others
                             log.exception("run in %s failed", m.run_dir)
                             end(i, err)
-                if sync:
-                    torch.cuda.synchronize()
+                if sync and logged:  # a log row synced the host already: settle the rest of the window
+                    torch.cuda.synchronize()  # so the wall-clock split below is the real one
                 elapsed = time.perf_counter() - t0 - outside
                 total = sum(steps_done.values())
                 for i, n in steps_done.items():
@@ -660,7 +662,7 @@ def train_pack(cfgs: list[Config | DictConfig], on_logs: list[OnLog | None] | No
     """Train several runs on one pass over shared batches; returns each run's metrics, or the exception
     that stopped it (RunStopped, a SaeSweepError, or another error), in the order of `cfgs`.
 
-    Every config must name the same data, data.shuffle_seed, batch_size and device (Trainer.stream_key);
+    Every config must name the same data, data.shuffle_seed, batch_size and device (stream_key);
     the runs may differ in anything else (architecture, width, l1_lambda, lr, k, seed, budget). Each run
     keeps its own directory, checkpoint, curves and metrics, and gets exactly the result `train(cfg)`
     gives it. Ctrl-C or SIGTERM checkpoints every unfinished run and raises PackInterrupted, which carries
@@ -680,7 +682,7 @@ def train_pack(cfgs: list[Config | DictConfig], on_logs: list[OnLog | None] | No
             outcomes[i] = finished
         else:
             members[i] = member
-    keys = {m.stream_key() for m in members.values()}
+    keys = {stream_key(m.cfg) for m in members.values()}
     if len(keys) > 1:
         raise ValueError(
             "train_pack: the configs differ in data, batch_size or device; they cannot share batches"
