@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def pareto_front(study: optuna.Study) -> set[int]:
 def write_csv(frame: pd.DataFrame, report_dir: Path) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "trials.csv"
-    tmp = path.with_name(path.name + ".tmp")
+    # Commands (and machines) sharing a sweep all write its table at their end: each its own temp file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
     return path
