@@ -65,9 +65,12 @@ class DataConfig:
     true_l0: float = 4.0  # synthetic: mean number of true features firing per token
     zipf_exponent: float = 0.5  # synthetic: firing probability of feature i ~ 1 / (i + 1) ** exponent
     correlation: float = 0.3  # synthetic: strength of correlated firing (0 = independent)
+    correlation_rank: int = 8  # synthetic: shared context factors behind correlated firing (its rank)
     hierarchy_frac: float = 0.1  # synthetic: share of features that only fire with a parent feature
     magnitude_mean: float = 1.0  # synthetic: mean magnitude of a firing feature
     magnitude_std: float = 0.25  # synthetic: spread of magnitudes (kept positive)
+    # synthetic: spread of the features' mean magnitudes (log-normal sigma; 0 = all at magnitude_mean)
+    feature_magnitude_spread: float = 0.0
     bias_norm: float = 1.0  # synthetic: norm of the constant offset added to every token
     noise_std: float = 0.01  # synthetic: per-dimension Gaussian noise
     data_seed: int = 0  # synthetic: seed of the generated data set (independent of the run seed)
@@ -338,7 +341,8 @@ def validate(cfg: Config | DictConfig) -> None:
             _positive(f"data.{key}", getattr(d, key))
         if d.true_l0 > d.n_features:
             raise ConfigError("data.true_l0", d.true_l0, f"at most data.n_features ({d.n_features})")
-        for key in ("zipf_exponent", "magnitude_std", "bias_norm", "noise_std"):
+        _positive("data.correlation_rank", d.correlation_rank)
+        for key in ("zipf_exponent", "magnitude_std", "bias_norm", "noise_std", "feature_magnitude_spread"):
             if getattr(d, key) < 0:
                 raise ConfigError(f"data.{key}", getattr(d, key), "a number >= 0")
         _fraction("data.correlation", d.correlation, upper_open=False)

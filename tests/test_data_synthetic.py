@@ -216,3 +216,82 @@ def test_unreachable_l0_is_a_config_error(tmp_path: Path) -> None:
 def test_progress_off_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make(tmp_path, n_tokens=5000)
     assert capsys.readouterr() == ("", "")
+
+
+# --- the parameters added for the quality suite -----------------------------------------------------
+
+
+def test_new_params_at_their_defaults_keep_the_old_digest(tmp_path: Path) -> None:
+    """Data sets made before correlation_rank / feature_magnitude_spread existed keep their folder."""
+    import hashlib
+    from dataclasses import asdict
+
+    params = synthetic.SyntheticParams.from_config(small_cfg(tmp_path))
+    old_fields = {k: v for k, v in asdict(params).items() if k not in synthetic.NEW_PARAM_DEFAULTS}
+    blob = json.dumps({"generator_version": synthetic.GENERATOR_VERSION, **old_fields}, sort_keys=True)
+    assert params.digest() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    for key, value in (("correlation_rank", 2), ("feature_magnitude_spread", 0.5)):
+        changed = synthetic.SyntheticParams.from_config(small_cfg(tmp_path, **{key: value}))
+        assert changed.digest() != params.digest()
+
+
+def offdiag_top_share(mask: torch.Tensor, top: int, rank: int) -> float:
+    """Share of the off-diagonal firing-correlation energy of the top features in its first `rank`
+    eigen-directions: near 1 when co-firing comes from `rank` shared factors."""
+    corr = torch.corrcoef(mask[:, :top].double().T)
+    corr.fill_diagonal_(0)
+    eig = torch.linalg.eigvalsh(corr).abs().sort(descending=True).values
+    return (eig[:rank].pow(2).sum() / eig.pow(2).sum()).item()
+
+
+def test_correlation_rank_sets_the_rank_of_cofiring(tmp_path: Path) -> None:
+    common = dict(correlation=0.9, hierarchy_frac=0.0, n_tokens=40_000, true_l0=12.0, zipf_exponent=0.3)
+    _, rank1 = make(tmp_path, correlation_rank=1, **common)
+    _, rank8 = make(tmp_path, correlation_rank=8, **common)
+    share1 = offdiag_top_share(rank1.active_mask(torch.arange(40_000)), 64, 1)
+    share8 = offdiag_top_share(rank8.active_mask(torch.arange(40_000)), 64, 1)
+    # One factor: co-firing is (nearly) one direction; eight: the first direction holds far less of it.
+    assert share1 > 0.9 and share8 < 0.7
+    assert offdiag_top_share(rank8.active_mask(torch.arange(40_000)), 64, 8) > 0.8
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(d_in=16, n_features=512, true_l0=2.0, zipf_exponent=1.0),
+        dict(d_in=16, n_features=512, true_l0=40.0, zipf_exponent=0.2, correlation=0.6, correlation_rank=2),
+        dict(d_in=16, n_features=128, true_l0=20.0, zipf_exponent=1.2, hierarchy_frac=0.4),
+    ],
+)
+def test_true_l0_is_met_across_shapes(tmp_path: Path, shape: dict[str, object]) -> None:
+    _, gt = make(tmp_path, **{"n_tokens": 20_000, **shape})
+    assert gt.firing_prob.sum().item() == pytest.approx(shape["true_l0"], rel=1e-5)
+    assert gt.active_indices.numel() / gt.n_tokens == pytest.approx(shape["true_l0"], rel=0.05)
+
+
+def test_feature_magnitude_spread_gives_each_feature_its_own_loudness(tmp_path: Path) -> None:
+    folder, gt = make(tmp_path, feature_magnitude_spread=1.0, magnitude_std=0.05, noise_std=0.001)
+    assert gt.magnitude is not None and gt.magnitude.shape == (256,)
+    assert gt.magnitude.log().std().item() == pytest.approx(1.0, rel=0.15)  # log-normal sigma
+    # A token where exactly one feature fires is bias + a_i f_i: its norm is that feature's magnitude.
+    lone = (gt.active_indptr[1:] - gt.active_indptr[:-1] == 1).nonzero().squeeze(1)
+    assert lone.numel() > 100
+    feature = gt.active_indices[gt.active_indptr[lone]].long()
+    norm = (torch.from_numpy(read_all(folder))[lone] - gt.bias).norm(dim=1)
+    ratio = norm / gt.magnitude[feature]
+    assert ratio.median().item() == pytest.approx(1.0, abs=0.05)
+    # Without the spread every feature has the same mean and no magnitude tensor is stored.
+    assert make(tmp_path)[1].magnitude is None
+
+
+def test_wide_data_sets_generate_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synthetic, "MAX_CHUNK_ELEMENTS", 4096 * 64)
+    params = synthetic.SyntheticParams.from_config(small_cfg(tmp_path, n_features=256, n_tokens=10_000))
+    assert params.chunk_tokens == 1024 and params.identity()["chunk_tokens"] == 1024
+    _, gt = make(tmp_path, n_features=256, n_tokens=10_000)
+    assert gt.active_indices.numel() / gt.n_tokens == pytest.approx(6.0, rel=0.1)
+
+
+def test_bad_correlation_rank_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.correlation_rank"):
+        ensure_synthetic(small_cfg(tmp_path, correlation_rank=0), progress=False)

@@ -2,16 +2,22 @@
 
 Each token is x = sum_i a_i f_i + bias + noise over n_features unit directions f_i in d_in dims
 (superposition: n_features >> d_in). Feature i fires with a Zipf-like marginal probability p_i,
-co-fires through a Gaussian copula with a few shared "context" factors, may only fire with its parent
-(hierarchy), and fires with a positive magnitude a_i around magnitude_mean.
+co-fires through a Gaussian copula with `correlation_rank` shared "context" factors (so the latent
+correlation matrix is correlation * L L^T off its diagonal, of rank correlation_rank), may only fire
+with its parent (hierarchy), and fires with a positive magnitude a_i around its own mean m_i
+(m_i = magnitude_mean, or log-normal around it with `feature_magnitude_spread`).
+
+Parameters added after the first data sets were published (correlation_rank,
+feature_magnitude_spread) enter the digest and the metadata only when they differ from their
+defaults (NEW_PARAM_DEFAULTS), so every data set made before keeps its folder name and its bytes.
 
 The data set is cached on disk under `<data.path or outputs/data>/synthetic-<digest>/`, keyed by every
 generation parameter, and is bit-identical for the same parameters:
 
     shard_0000.npy ...          float32 [rows, d_in], about 2^18 rows each (the last may be shorter)
     ground_truth.safetensors    features, bias, firing_prob, parent, and the true firing pattern as
-                                CSR over global rows (active_indptr, active_indices); parameters in
-                                the metadata
+                                CSR over global rows (active_indptr, active_indices); magnitude (per
+                                feature) when feature_magnitude_spread > 0; parameters in the metadata
     manifest.json               parameters, shard list, generator version; written last
 """
 
@@ -41,7 +47,11 @@ __all__ = ["GENERATOR_VERSION", "GroundTruth", "SyntheticParams", "ensure_synthe
 GENERATOR_VERSION = 1
 CHUNK_TOKENS = 1 << 16  # tokens generated at once: bounds the dense [tokens, n_features] working set
 SHARD_ROWS = 1 << 18  # rows per shard file
-CORRELATION_RANK = 8  # shared context factors of the copula
+# Later parameters and their defaults, at which the data (and the digest) is what it was before they existed.
+NEW_PARAM_DEFAULTS: dict[str, int | float] = {"correlation_rank": 8, "feature_magnitude_spread": 0.0}
+# Largest dense [tokens, n_features] block generated at once (float32 elements: 512 MB). Data sets with
+# n_features <= 2048 keep CHUNK_TOKENS per chunk; wider ones use fewer tokens per chunk.
+MAX_CHUNK_ELEMENTS = 1 << 27
 MAX_FIRING_PROB = 0.9  # no feature fires on (nearly) every token
 MANIFEST = "manifest.json"
 GROUND_TRUTH = "ground_truth.safetensors"
@@ -63,6 +73,8 @@ class SyntheticParams:
     bias_norm: float
     noise_std: float
     data_seed: int
+    correlation_rank: int = 8
+    feature_magnitude_spread: float = 0.0
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> SyntheticParams:
@@ -74,14 +86,29 @@ class SyntheticParams:
                 params.true_l0,
                 f"at most {MAX_FIRING_PROB} * data.n_features ({MAX_FIRING_PROB * params.n_features:g})",
             )
+        if params.correlation_rank < 1:
+            raise ConfigError("data.correlation_rank", params.correlation_rank, "a positive integer")
         return params
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens generated per chunk (each chunk has its own random stream, so this shapes the data)."""
+        return max(1, min(CHUNK_TOKENS, MAX_CHUNK_ELEMENTS // self.n_features))
+
+    def identity(self) -> dict[str, int | float]:
+        """What the data depends on: every parameter, less the later ones left at their defaults (so the
+        digest and metadata of older data sets do not change), plus a non-standard chunk size."""
+        ident = {k: v for k, v in asdict(self).items() if NEW_PARAM_DEFAULTS.get(k, None) != v}
+        if self.chunk_tokens != CHUNK_TOKENS:
+            ident["chunk_tokens"] = self.chunk_tokens
+        return ident
+
     def digest(self) -> str:
-        blob = json.dumps({"generator_version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        blob = json.dumps({"generator_version": GENERATOR_VERSION, **self.identity()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _coerce(type_name: str, value: Any) -> int | float:
+def _coerce(type_name: object, value: Any) -> Any:  # field types are strings (postponed annotations)
     return int(value) if type_name == "int" else float(value)
 
 
@@ -96,6 +123,7 @@ class GroundTruth:
     active_indptr: Tensor  # [n_tokens + 1] int64: CSR row pointer over global rows
     active_indices: Tensor  # [nnz] int32: ids of the features firing on each row
     params: dict[str, str]  # generation parameters (safetensors metadata)
+    magnitude: Tensor | None = None  # [n_features] mean magnitude per feature (feature_magnitude_spread > 0)
 
     @property
     def n_tokens(self) -> int:
@@ -134,6 +162,7 @@ def load_ground_truth(folder: str | os.PathLike[str]) -> GroundTruth:
         active_indptr=t["active_indptr"],
         active_indices=t["active_indices"],
         params=params,
+        magnitude=t.get("magnitude"),
     )
 
 
@@ -190,6 +219,7 @@ class _Model:
     threshold: Tensor  # [F] feature i's latent must exceed this (children: given the parent fired)
     loadings: Tensor  # [F, R] copula factor loadings, already scaled by sqrt(correlation)
     noise_scale: Tensor  # [F] keeps every latent at unit variance
+    magnitude: Tensor  # [F] mean magnitude of each feature when it fires
 
 
 def _generator(seed: int, *key: int) -> torch.Generator:
@@ -238,12 +268,19 @@ def _build_model(p: SyntheticParams) -> _Model:
     conditional[is_child] = prob[is_child] / prob[parent[is_child]]
     # Non-negative, heavy-tailed loadings: each feature leans on one or two shared contexts, so
     # correlation means co-firing (as in text, where a topic turns on many features), not anti-firing.
-    loadings = torch.randn(p.n_features, CORRELATION_RANK, generator=gen).abs() ** 3
+    loadings = torch.randn(p.n_features, p.correlation_rank, generator=gen).abs() ** 3
     loadings /= loadings.norm(dim=1, keepdim=True)
     # Children take their correlation from the parent they depend on; their own draw stays independent
     # so their marginal is exactly p_parent * conditional.
     loadings[is_child] = 0
     loading_var = p.correlation * loadings.pow(2).sum(1)
+    magnitude = torch.full((p.n_features,), p.magnitude_mean)
+    if p.feature_magnitude_spread > 0:
+        # Its own stream, so that the draws above (and the default data) do not depend on it. Log-normal
+        # with mean magnitude_mean: a few features much louder than most, as in real activations.
+        s = p.feature_magnitude_spread
+        z = torch.randn(p.n_features, generator=_generator(p.data_seed, 0, 1), dtype=torch.float64)
+        magnitude = (p.magnitude_mean * torch.exp(s * z - s * s / 2)).float()
     return _Model(
         features=features,
         bias=bias,
@@ -252,6 +289,7 @@ def _build_model(p: SyntheticParams) -> _Model:
         threshold=torch.special.ndtri(1 - conditional).float(),
         loadings=(p.correlation**0.5 * loadings).float(),
         noise_scale=(1 - loading_var).clamp(min=0).sqrt().float(),  # correlation = 1 may round below 0
+        magnitude=magnitude,
     )
 
 
@@ -259,7 +297,7 @@ def _sample_chunk(
     model: _Model, p: SyntheticParams, n: int, gen: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
     """n tokens: activations [n, D] float32, and per-row counts [n] and column ids of the firing features."""
-    context = torch.randn(n, CORRELATION_RANK, generator=gen)
+    context = torch.randn(n, p.correlation_rank, generator=gen)
     latent = torch.randn(n, p.n_features, generator=gen)
     latent.mul_(model.noise_scale)
     if p.correlation > 0:
@@ -268,7 +306,11 @@ def _sample_chunk(
     children = (model.parent >= 0).nonzero().squeeze(1)
     fire[:, children] &= fire[:, model.parent[children]]
     rows, cols = fire.nonzero(as_tuple=True)  # row-major: already CSR order
-    magnitude = (p.magnitude_mean + p.magnitude_std * torch.randn(rows.numel(), generator=gen)).abs_()
+    if p.feature_magnitude_spread > 0:  # each feature around its own mean, the spread relative to it
+        relative = p.magnitude_std / p.magnitude_mean
+        magnitude = (model.magnitude[cols] * (1 + relative * torch.randn(rows.numel(), generator=gen))).abs_()
+    else:  # the original arithmetic, kept bit for bit
+        magnitude = (p.magnitude_mean + p.magnitude_std * torch.randn(rows.numel(), generator=gen)).abs_()
     dense = latent.zero_()  # reuse the latent buffer: one dense [n, F] block at a time
     dense[rows, cols] = magnitude
     x = torch.randn(n, p.d_in, generator=gen).mul_(p.noise_std).add_(model.bias)
@@ -294,8 +336,8 @@ def _write_shards(
     with bar:
         for name, rows in plan:
             shard = np.lib.format.open_memmap(folder / name, "w+", np.float32, (rows, p.d_in))
-            for start in range(0, rows, CHUNK_TOKENS):
-                n = min(CHUNK_TOKENS, rows - start)
+            for start in range(0, rows, p.chunk_tokens):
+                n = min(p.chunk_tokens, rows - start)
                 x, row_counts, cols = _sample_chunk(model, p, n, _generator(p.data_seed, chunk_index + 1))
                 shard[start : start + n] = x.numpy()
                 counts.append(row_counts)
@@ -321,11 +363,13 @@ def _generate(p: SyntheticParams, folder: Path, progress: bool) -> None:
         "active_indptr": indptr,
         "active_indices": indices,
     }
-    metadata = {"generator_version": str(GENERATOR_VERSION), **{k: str(v) for k, v in asdict(p).items()}}
+    if p.feature_magnitude_spread > 0:  # only then, so the default ground truth keeps its tensors
+        tensors["magnitude"] = model.magnitude
+    metadata = {"generator_version": str(GENERATOR_VERSION), **{k: str(v) for k, v in p.identity().items()}}
     save_file(tensors, folder / GROUND_TRUTH, metadata=metadata)
     manifest = {
         "generator_version": GENERATOR_VERSION,
-        "params": asdict(p),
+        "params": p.identity(),
         "n_tokens": p.n_tokens,
         "d_in": p.d_in,
         "mean_l0": int(indptr[-1]) / p.n_tokens,
