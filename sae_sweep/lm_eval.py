@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
+from sae_sweep import rundir
 from sae_sweep.errors import ConfigError, SaeSweepError
 
 # The harvest modules are imported where used: sae_sweep.config can then import LMEvalConfig from
@@ -228,8 +229,8 @@ def main(argv: list[str]) -> int:
         overrides = OmegaConf.from_dotlist(argv[1:])
         lm_cfg = OmegaConf.merge(OmegaConf.structured(LMEvalConfig), overrides)
         harvest_dir = None
-        if (run_dir / "config.yaml").is_file():
-            harvest_dir = OmegaConf.load(run_dir / "config.yaml").get("data", {}).get("path")
+        if (run_dir / rundir.CONFIG).is_file():
+            harvest_dir = OmegaConf.load(run_dir / rundir.CONFIG).get("data", {}).get("path")
         metrics = lm_eval_metrics(load_sae(run_dir), lm_cfg, harvest_dir)
     except (SaeSweepError, OmegaConfBaseException) as err:
         print(f"sae_sweep.lm_eval: error: {str(err).splitlines()[0]}", file=sys.stderr)

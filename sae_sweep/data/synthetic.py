@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from sae_sweep import rundir
 from sae_sweep.errors import ConfigError, DataError
 
 __all__ = ["GENERATOR_VERSION", "GroundTruth", "SyntheticParams", "ensure_synthetic", "load_ground_truth"]
@@ -198,11 +199,18 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the finished folder into place; its files reach the disk first, so a power cut never
+    leaves a folder whose manifest says complete over shards that are not."""
+    for path in tmp.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    rundir.fsync_dir(tmp)
     try:
         os.rename(tmp, folder)
     except OSError:
         if not _is_complete(folder):  # not a lost race: something else is wrong
             raise
+    rundir.fsync_dir(folder.parent)
 
 
 # --- the generative model --------------------------------------------------------------------------

@@ -14,7 +14,6 @@ and the SAELens export read.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict
@@ -23,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from sae_sweep import __version__
+from sae_sweep import __version__, rundir
 from sae_sweep.data.shards import open_shard
 from sae_sweep.errors import ConfigError
 from sae_sweep.harvest.config import HarvestConfig, parse_args
@@ -50,12 +49,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _existing_shards(out: Path) -> list[tuple[str, int]]:
     """(file name, rows) of the whole shards already written, in order; leftovers of a kill removed."""
     for tmp in out.glob("shard_*.tmp"):
@@ -68,13 +61,10 @@ def _write_shard(out: Path, index: int, rows: torch.Tensor) -> tuple[str, int]:
     # numpy has no bfloat16: those shards are .safetensors (the reader takes both)
     suffix = "safetensors" if rows.dtype == torch.bfloat16 else "npy"
     name = f"shard_{index:05d}.{suffix}"
-    tmp = out / f"shard_{index:05d}.tmp"
     if suffix == "npy":
-        with open(tmp, "wb") as fh:
-            np.save(fh, rows.numpy())
+        rundir.atomic_write(out / name, lambda fh: np.save(fh, rows.numpy()))
     else:
-        save_file({"activations": rows.contiguous()}, str(tmp))
-    os.replace(tmp, out / name)
+        rundir.write_bytes(out / name, safetensors_bytes({"activations": rows.contiguous()}))
     return name, len(rows)
 
 
@@ -110,7 +100,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
         _update(previous, shards, done, 0, 0.0)
         previous["d_in"] = previous.get("d_in") or open_shard(out / shards[0][0]).d_in
         previous["complete"] = True
-        _write_json(out / MANIFEST, previous)
+        rundir.write_json(out / MANIFEST, previous)
         return previous
 
     model, tokenizer, folder = load_model(cfg.model, causal_lm=False, dtype=cfg.dtype, device=cfg.device)
@@ -152,7 +142,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
                      "torch": torch.__version__},
     }  # fmt: skip
 
-    _write_json(out / MANIFEST, manifest)  # before any shard, so shards never exist without one
+    rundir.write_json(out / MANIFEST, manifest)  # before any shard, so shards never exist without one
     pending: list[torch.Tensor] = []
     n_pending, seen, model_s, computed = 0, 0, 0.0, 0
     bar = tqdm(total=cfg.tokens, initial=done, unit="tok", disable=not cfg.progress, desc="harvest")
@@ -181,7 +171,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
             done += len(shard)
             pending, n_pending = ([rest] if len(rest) else []), len(rest)
             _update(manifest, shards, done, computed, model_s)
-            _write_json(out / MANIFEST, manifest)
+            rundir.write_json(out / MANIFEST, manifest)
         if done >= cfg.tokens:
             break
     else:
@@ -197,7 +187,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
         manifest["d_in"] = open_shard(out / shards[0][0]).d_in
     _update(manifest, shards, done, computed, model_s)
     manifest["complete"] = True
-    _write_json(out / MANIFEST, manifest)
+    rundir.write_json(out / MANIFEST, manifest)
     return manifest
 
 

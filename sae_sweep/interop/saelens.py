@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from sae_sweep import __version__
+from sae_sweep import __version__, rundir
 from sae_sweep.errors import DataError, SaeSweepError
 from sae_sweep.harvest import read_manifest
 from sae_sweep.models import FORMAT_VERSION
@@ -55,7 +55,7 @@ def _read_sae_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 def _run_provenance(run_dir: Path) -> dict[str, Any]:
     """model/hook/text from the harvest manifest of the run's data folder, when there is one."""
-    config = run_dir / "config.yaml"
+    config = run_dir / rundir.CONFIG
     data_path = OmegaConf.load(config).get("data", {}).get("path") if config.is_file() else None
     manifest = read_manifest(data_path) if data_path and Path(data_path).is_dir() else None
     if manifest is None:
@@ -75,7 +75,7 @@ def export_saelens(
 ) -> Path:
     """Write OUT_DIR/cfg.json + sae_weights.safetensors for the SAE of a run directory (or file)."""
     run_dir = Path(run_dir)
-    sae_file = run_dir / "sae.safetensors" if run_dir.is_dir() else run_dir
+    sae_file = run_dir / rundir.SAE if run_dir.is_dir() else run_dir
     tensors, meta = _read_sae_file(sae_file)
     arch = meta.get("architecture")
     if arch not in TO_SAELENS:
@@ -113,8 +113,8 @@ def export_saelens(
         weights["threshold"] = tensors["threshold"].float().contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / WEIGHTS_FILE))
-    (out / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    rundir.write_bytes(out / WEIGHTS_FILE, safetensors_bytes(weights))
+    rundir.write_json(out / CFG_FILE, cfg)
     return out
 
 
@@ -195,8 +195,8 @@ def import_saelens(saelens_dir: str | Path, out_dir: str | Path) -> Path:
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "sae.safetensors"), metadata=metadata)
-    (out / "saelens_cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")  # provenance
+    rundir.write_bytes(out / rundir.SAE, safetensors_bytes(tensors, metadata=metadata))
+    rundir.write_json(out / "saelens_cfg.json", cfg)  # provenance
     return out
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from sae_sweep import rundir
 from sae_sweep.config import DEFAULT_DEC_INIT_NORM, ModelConfig
 from sae_sweep.errors import DataError
 from sae_sweep.models.base import SAE, SAEOutput
@@ -53,16 +54,14 @@ def save_sae(sae: SAE, path: Path, scale_factor: float, raw_mean_norm: float) ->
         "hyperparameters": json.dumps(sae.hyperparameters()),
     }
     metadata.update({k: str(v) for k, v in sae.hyperparameters().items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sae.plain_tensors(scale_factor), str(tmp), metadata=metadata)
-    tmp.replace(path)
+    rundir.write_bytes(path, safetensors_bytes(sae.plain_tensors(scale_factor), metadata=metadata))
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """A ready model from a run directory or an sae.safetensors file; it applies to raw activations."""
     path = Path(path)
     if path.is_dir():
-        path = path / "sae.safetensors"
+        path = path / rundir.SAE
     if not path.is_file():
         raise DataError(path, "no such SAE file (expected a run directory holding sae.safetensors)")
     with safe_open(str(path), framework="pt") as fh:

@@ -8,7 +8,6 @@ folder of run directories copied by hand, or a sweep that is still running.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -20,6 +19,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from tqdm import tqdm  # not tqdm.auto: it warns on import in notebooks without ipywidgets
 
+from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
 
 # DESIGN section 5, in its order: the held-out metrics of a completed run.
@@ -150,21 +150,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         return {}
     tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     flat = flatten(tree)  # type: ignore[arg-type]
     return {RENAMED_CONFIG.get(k, k): v for k, v in flat.items()}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):  # being rewritten by a live run: treat as not there yet
-        return {}
 
 
 def _metric_columns(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -203,13 +194,13 @@ def read_run_dir(run_dir: Path, config: dict[str, Any] | None = None) -> dict[st
     resume from) or one that died before its first checkpoint ("started").
     """
     row: dict[str, Any] = dict(read_config(run_dir) if config is None else config)
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = rundir.read_metrics(run_dir)
     if metrics:
         row.update(_metric_columns(metrics))
     else:
-        row["status"] = "running" if (run_dir / "checkpoint.pt").is_file() else "started"
+        row["status"] = "running" if (run_dir / rundir.CHECKPOINT).is_file() else "started"
     _resolve_defaults(row)
-    start, end = run_dir / "config.yaml", run_dir / "metrics.json"
+    start, end = run_dir / rundir.CONFIG, run_dir / rundir.METRICS
     if start.is_file() and end.is_file():  # config.yaml is written at start, metrics.json at the end
         row["duration_s"] = max(0.0, end.stat().st_mtime - start.stat().st_mtime)
     row["run_dir"] = str(run_dir)
@@ -355,7 +346,7 @@ def _differing_config(df: pd.DataFrame, config_cols: set[str]) -> list[str]:
 
 def _status(trial: Any, run_dir: Path | None, row: dict[str, Any]) -> str:
     """metrics.json's verdict, else the status the sweep recorded (e.g. interrupted), else the state."""
-    if run_dir is not None and (run_dir / "metrics.json").is_file():
+    if run_dir is not None and (run_dir / rundir.METRICS).is_file():
         return row["status"]
     recorded = trial.user_attrs.get("status")
     return (
@@ -494,7 +485,7 @@ def load_curves(df: pd.DataFrame) -> pd.DataFrame:
     """Every trial's curves.csv stacked, with `sweep` and `trial` columns (empty frame if none)."""
     parts = []
     for row in df.itertuples(index=False):
-        path = Path(str(row.run_dir)) / "curves.csv" if isinstance(row.run_dir, str) else None
+        path = Path(str(row.run_dir)) / rundir.CURVES if isinstance(row.run_dir, str) else None
         if path is not None and path.is_file():
             curves = pd.read_csv(path)
             curves.insert(0, "trial", row.trial)
@@ -507,7 +498,7 @@ def load_curves(df: pd.DataFrame) -> pd.DataFrame:
 
 def load_density(run_dir: str | Path) -> dict[str, Any]:
     """density.json of a completed run: per-latent `density` and the log10 `histogram`; {} if absent."""
-    return read_json(Path(run_dir) / "density.json")
+    return rundir.read_json(Path(run_dir) / rundir.DENSITY) or {}
 
 
 def latest_sweep(root: str | Path = "outputs") -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sae_sweep import rundir
 from sae_sweep.report.collect import collect
 from sae_sweep.report.plots import completed, settings_label, swept_params, write_plots
 from sae_sweep.report.tables import (
@@ -111,7 +112,7 @@ def _write_all(df: pd.DataFrame, report_dir: Path, title: str, figures: Sequence
     written = write_tables(df, report_dir)
     pngs = write_plots(df, report_dir, figures)
     page = report_dir / "index.html"
-    page.write_text(render_page(df, pngs, title))
+    rundir.write_text(page, render_page(df, pngs, title))
     for path in [*written, *pngs, page]:
         print(f"wrote {path}")
     return page

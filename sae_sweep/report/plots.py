@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, LogFormatter, NullLocator
 
+from sae_sweep import rundir
 from sae_sweep.report.collect import COMPLETED, load_curves, load_density
 
 DPI = 120
@@ -590,7 +591,7 @@ FIGURES = {
 
 def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    rundir.atomic_write(path, lambda fh: fig.savefig(fh, dpi=DPI, format=path.suffix[1:] or "png"))
     return path
 
 

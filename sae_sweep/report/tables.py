@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sae_sweep import rundir
 from sae_sweep.report.collect import COMPLETED, PARAM_ORDER
 
 # The configuration columns every table shows (the notes' own), before any other swept parameter.
@@ -170,6 +171,6 @@ def write_tables(df: pd.DataFrame, report_dir: Path) -> list[Path]:
     """report/trials.csv (every trial, every column) and report/table.md (the researcher's table)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = report_dir / "trials.csv", report_dir / "table.md"
-    df.to_csv(csv_path, index=False)
-    md_path.write_text(markdown_report(df))
+    rundir.write_text(csv_path, df.to_csv(index=False))
+    rundir.write_text(md_path, markdown_report(df))
     return [csv_path, md_path]

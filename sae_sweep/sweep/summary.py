@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pandas as pd
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from sae_sweep import rundir
 from sae_sweep.sweep.queue import GRID_ATTR, REASON_ATTR, SLOT_ATTR, STATUS_ATTR
 
 TABLE_METRICS = ("fvu", "l0", "explained_variance", "dead_frac", "mcc")
@@ -63,9 +63,7 @@ def write_csv(frame: pd.DataFrame, report_dir: Path) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "trials.csv"
     # Commands (and machines) sharing a sweep all write its table at their end: each its own temp file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    rundir.write_text(path, frame.to_csv(index=False))
     return path
 
 

@@ -24,6 +24,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from sae_sweep import rundir
 from sae_sweep.errors import SaeSweepError
 from sae_sweep.sweep.compose import Composer, trial_config
 from sae_sweep.sweep.objectives import objective_values
@@ -314,10 +315,7 @@ def _judge(
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    metrics = rundir.read_metrics(run_dir) or {}
     return {k: v for k, v in metrics.items() if k not in (STATUS_ATTR, REASON_ATTR)}
 
 

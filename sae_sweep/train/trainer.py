@@ -7,7 +7,6 @@ write sae.safetensors, metrics.json, curves.csv.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from sae_sweep import rundir
 from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, resolve_recipe, validate
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
@@ -41,8 +41,6 @@ from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 
 log = logging.getLogger("sae_sweep")
 
-# Settings that may change between the interrupted and the resuming command.
-_RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress", "train.checkpoint_every_s")
 INIT_SAMPLE_TOKENS = 16_384  # enough for the mean b_dec starts at; 200 MB at d_in 3072
 
 
@@ -108,41 +106,6 @@ def _as_dictconfig(cfg: Config | DictConfig) -> DictConfig:
     if isinstance(cfg, DictConfig):
         return cfg
     return OmegaConf.structured(cfg)
-
-
-def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The config minus keys that may differ when resuming."""
-    out = json.loads(json.dumps(cfg_dict))
-    for dotted in _RESUME_IGNORED_KEYS:
-        node = out
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return out
-
-
-def _check_same_run(run_dir: Path, cfg_dict: dict[str, Any]) -> None:
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
-    if _comparable(saved) != _comparable(cfg_dict):  # type: ignore[arg-type]
-        diff = _first_difference(_comparable(saved), _comparable(cfg_dict))  # type: ignore[arg-type]
-        raise ConfigError(
-            "hydra.run.dir",
-            str(run_dir),
-            f"a directory without a different run in it: it holds a run whose {diff} — use another run "
-            "directory, or delete that one to start over",
-        )
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')} was {a!r}, now {b!r}"
 
 
 class StopRequests:
@@ -221,10 +184,9 @@ class Trainer:
         RunStopped for a run that stopped early, ConfigError for a different run in the directory."""
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        _check_same_run(run_dir, self.cfg_dict)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.is_file() and not (run_dir / "checkpoint.pt").is_file():
-            finished = json.loads(metrics_path.read_text())
+        rundir.check_same_run(run_dir, self.cfg_dict)
+        finished = rundir.read_metrics(run_dir)
+        if finished is not None and not (run_dir / rundir.CHECKPOINT).is_file():
             if finished.get("status") == "completed":
                 log.info("run in %s already finished; nothing to do", run_dir)
                 return finished
@@ -232,7 +194,7 @@ class Trainer:
                 raise RunStopped(
                     finished["status"], finished.get("reason", "") + f" (earlier run in {run_dir})"
                 )
-        OmegaConf.save(self.cfg, run_dir / "config.yaml", resolve=True)
+        rundir.write_config(run_dir / rundir.CONFIG, self.cfg)
         return None
 
     # --- set-up -------------------------------------------------------------------------------
@@ -287,8 +249,8 @@ class Trainer:
         self.sae.init_from_data(self.shared.init_sample() * self.scale_factor)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
-        if _comparable(checkpoint["config"]) != _comparable(self.cfg_dict):
-            diff = _first_difference(_comparable(checkpoint["config"]), _comparable(self.cfg_dict))
+        diff = rundir.run_difference(checkpoint["config"], self.cfg_dict)
+        if diff is not None:
             raise ConfigError(
                 "hydra.run.dir",
                 str(self.run_dir),
@@ -506,14 +468,14 @@ class Trainer:
 
             data_path = self.cfg.data.path if self.cfg.data.kind == "shards" else None
             metrics.update(lm_eval_metrics(self.sae, self.cfg.eval.lm, data_path, self.scale_factor))
-        save_sae(self.sae, self.run_dir / "sae.safetensors", self.scale_factor, self.raw_mean_norm)
-        write_curves(self.run_dir / "curves.csv", self.state.curves)
+        save_sae(self.sae, self.run_dir / rundir.SAE, self.scale_factor, self.raw_mean_norm)
+        rundir.write_csv(self.run_dir / rundir.CURVES, self.state.curves)
         hist = density_histogram(self.density)
-        _write_json(
-            self.run_dir / "density.json",
+        rundir.write_json(
+            self.run_dir / rundir.DENSITY,
             {"density": self.density.tolist(), "histogram": hist, **self.latents},
         )
-        _write_json(self.run_dir / "metrics.json", metrics)
+        rundir.write_json(self.run_dir / rundir.METRICS, metrics)
         remove_checkpoint(self.run_dir)
         return metrics
 
@@ -521,8 +483,8 @@ class Trainer:
         """A run that stopped early: metrics.json gets its status and reason; no SAE is written."""
         last = self.state.curves[-1] if self.state.curves else {}
         metrics = {**last, "status": err.status, "reason": err.reason, "tokens": self.state.tokens_seen}
-        _write_json(self.run_dir / "metrics.json", metrics)
-        write_curves(self.run_dir / "curves.csv", self.state.curves)
+        rundir.write_json(self.run_dir / rundir.METRICS, metrics)
+        rundir.write_csv(self.run_dir / rundir.CURVES, self.state.curves)
         remove_checkpoint(self.run_dir)
 
 
@@ -723,23 +685,6 @@ def _per_latent(hidden: int, latent_idx: torch.Tensor, values: dict[str, torch.T
             column[pos] = v
         out[name] = column
     return out
-
-
-def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
-    if not rows:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
-    tmp.replace(path)
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
