@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep.config import register_configs
-from sae_sweep.errors import SaeSweepError
+from sae_sweep.errors import RunStopped, SaeSweepError
 
 log = logging.getLogger("sae_sweep")
 
@@ -27,9 +28,18 @@ def _register() -> None:
         OmegaConf.register_new_resolver("sae_sweep_run_name", run_name)
 
 
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The run's headline metrics on one line ("completed: mse=... explained_variance=... ...")."""
+    parts = [f"{metrics.get('status', '?')}:"]
+    for key in ("mse", "explained_variance", "l0", "dead_frac", "mcc"):
+        if metrics.get(key) is not None:
+            parts.append(f"{key}={metrics[key]:.4g}")
+    return " ".join(parts)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from sae_sweep.train.trainer import RunStopped, summary_line, train
+    from sae_sweep.train.trainer import train
 
     try:
         metrics = train(cfg)

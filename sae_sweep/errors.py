@@ -1,4 +1,13 @@
-"""Errors a user can fix: each carries one line that names the key or file, the value and what is allowed."""
+"""Every exception the package raises on purpose.
+
+SaeSweepError and its subclasses are errors a user can fix: each carries one line that names the key or
+file, the value and what is allowed. RunStopped is a run that ended early (diverged, collapsed, pruned)
+and PackInterrupted a Ctrl-C / SIGTERM that left checkpoints to resume from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class SaeSweepError(Exception):
@@ -19,3 +28,38 @@ class DataError(SaeSweepError):
     def __init__(self, path: object, problem: str) -> None:
         self.path, self.problem = path, problem
         super().__init__(f"data file '{path}': {problem}")
+
+
+class RunStopped(SaeSweepError):
+    """The run ended before its budget; metrics.json records `status` and `reason`, and no SAE is written.
+
+    Raised by the trainer (diverged, collapsed) or by an `on_log` callback (a sweep's pruner: pruned).
+    """
+
+    def __init__(self, status: str, reason: str) -> None:
+        self.status, self.reason = status, reason
+        super().__init__(f"{status}: {reason}")
+
+
+class TrainingDiverged(RunStopped):
+    """The loss became NaN/inf."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("diverged", reason)
+
+
+class TrainingCollapsed(RunStopped):
+    """Every latent went silent after the sparsity warm-up: nothing left to train."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("collapsed", reason)
+
+
+class PackInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during train_pack: `outcomes` holds the members that had ended by then (by index
+    in the configs: metrics, or the exception that stopped them); every other member wrote its checkpoint
+    and resumes from it."""
+
+    def __init__(self, outcomes: dict[int, dict[str, Any] | BaseException]) -> None:
+        super().__init__()
+        self.outcomes = outcomes

@@ -16,13 +16,13 @@ from conftest import SMALL_DATA
 from omegaconf import OmegaConf
 
 from sae_sweep.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from sae_sweep.errors import RunStopped
 from sae_sweep.report import collect, write_report
 from sae_sweep.report.__main__ import main
 from sae_sweep.report.collect import METRICS, pareto_mask
 from sae_sweep.report.plots import FIGURES
 from sae_sweep.report.tables import summary_table, write_tables
 from sae_sweep.train import train
-from sae_sweep.train.trainer import RunStopped
 
 L1_LAMBDAS = (0.0, 1.0, 3.0, 10.0)
 LRS = (1e-3, 4e-3)

@@ -12,10 +12,10 @@ import pytest
 from conftest import SMALL_DATA
 from optuna.trial import TrialState
 
+from sae_sweep.errors import PackInterrupted
 from sae_sweep.sweep import driver, worker
 from sae_sweep.sweep.queue import GRID_ATTR
 from sae_sweep.train import train as real_train
-from sae_sweep.train.trainer import PackInterrupted
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

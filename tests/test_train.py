@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sae_sweep.data import open_dataset
-from sae_sweep.errors import ConfigError
+from sae_sweep.errors import ConfigError, RunStopped, TrainingDiverged
 from sae_sweep.metrics import mcc
 from sae_sweep.models import load_sae
 from sae_sweep.train import train
 from sae_sweep.train import trainer as trainer_module
-from sae_sweep.train.trainer import RunStopped, Trainer, TrainingDiverged
+from sae_sweep.train.trainer import Trainer
 
 SECTION5_METRICS = [
     "mse",
@@ -198,7 +198,7 @@ def test_sigkill_mid_run_then_same_command_resumes(make_cfg, tmp_path, data_root
 def test_finished_run_is_not_trained_again(make_cfg, monkeypatch):
     cfg = make_cfg(tokens=50_000)
     first = train(cfg)
-    monkeypatch.setattr(trainer_module, "_run_pack", lambda *a: pytest.fail("trained again"))
+    monkeypatch.setattr(trainer_module, "run_pack", lambda *a: pytest.fail("trained again"))
     assert train(cfg) == json.loads(json.dumps(first))
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sae_sweep.errors import ConfigError
+from sae_sweep.errors import ConfigError, RunStopped, TrainingDiverged
 from sae_sweep.train import train
-from sae_sweep.train.trainer import RunStopped, Trainer, TrainingDiverged, train_pack
+from sae_sweep.train.pack import train_pack
+from sae_sweep.train.trainer import Trainer
 
 TIMING = ("tokens_per_s", "train_seconds")
 

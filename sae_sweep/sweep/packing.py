@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sae_sweep.config import resolve_recipe
 from sae_sweep.sweep.queue import known_params
-from sae_sweep.train.trainer import stream_key
+from sae_sweep.train.loop import stream_key
 
 AUTO_MAX_GRID = 8
 AUTO_MAX_SEARCH = 4

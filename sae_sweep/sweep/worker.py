@@ -25,7 +25,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sae_sweep import rundir
-from sae_sweep.errors import SaeSweepError
+from sae_sweep.errors import PackInterrupted, RunStopped, SaeSweepError
 from sae_sweep.sweep.compose import Composer, trial_config
 from sae_sweep.sweep.objectives import objective_values
 from sae_sweep.sweep.packing import Packer, fair_share
@@ -42,7 +42,8 @@ from sae_sweep.sweep.queue import (
 )
 from sae_sweep.sweep.space import Dimension, format_value
 from sae_sweep.sweep.store import Heartbeat
-from sae_sweep.train.trainer import Outcome, PackInterrupted, RunStopped, stream_key, train_pack
+from sae_sweep.train.loop import Outcome, stream_key
+from sae_sweep.train.pack import train_pack
 
 # How a stopped run is recorded: pruned and collapsed runs stopped early on purpose, diverged ones failed.
 STOPPED_STATES = {"pruned": TrialState.PRUNED, "collapsed": TrialState.PRUNED, "diverged": TrialState.FAIL}

@@ -1,18 +1,16 @@
-"""train(cfg): one SAE from config to a finished run directory (DESIGN section 4).
+"""train(cfg): one SAE from config to a finished run directory.
 
-The single-run CLI and every sweep trial call this same function. Steps: validate -> open data ->
-scale factor -> build model -> (resume from checkpoint.pt) -> train loop -> held-out evaluation ->
-write sae.safetensors, metrics.json, curves.csv.
+The single-run CLI and every sweep trial come here. A run's steps: check the run directory (a finished
+run is returned, a different one refused) -> open the data -> size the run from its recipe -> build
+the model -> resume from checkpoint.pt or initialise from data -> the batch loop (loop.run_pack) ->
+held-out evaluation (evaluate.evaluate_sae) -> write sae.safetensors, curves.csv, density.json and
+metrics.json (rundir). The `Trainer` below holds one run's state and does each of those steps.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import signal
-import threading
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,60 +19,23 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from sae_sweep import rundir
 from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, resolve_recipe, validate
-from sae_sweep.data import open_dataset
-from sae_sweep.data.device_feed import DeviceFeed
-from sae_sweep.errors import ConfigError, SaeSweepError
-from sae_sweep.metrics import (
-    DeadLatentTracker,
-    EvalAccumulator,
-    F1Accumulator,
-    density_histogram,
-    match_features,
+from sae_sweep.errors import (
+    ConfigError,
+    RunStopped,
+    TrainingCollapsed,
+    TrainingDiverged,
 )
+from sae_sweep.metrics import DeadLatentTracker, density_histogram
 from sae_sweep.models import SAE, build_sae, save_sae
 from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
+from sae_sweep.train.evaluate import evaluate_sae
+from sae_sweep.train.loop import Outcome, SharedData, as_dictconfig, resolve_device, run_pack
 from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 
 log = logging.getLogger("sae_sweep")
-
-INIT_SAMPLE_TOKENS = 16_384  # enough for the mean b_dec starts at; 200 MB at d_in 3072
-
-
-class RunStopped(SaeSweepError):
-    """The run ended before its budget; metrics.json records `status` and `reason`, and no SAE is written.
-
-    Raised by the trainer (diverged, collapsed) or by an `on_log` callback (a sweep's pruner: pruned).
-    """
-
-    def __init__(self, status: str, reason: str) -> None:
-        self.status, self.reason = status, reason
-        super().__init__(f"{status}: {reason}")
-
-
-class TrainingDiverged(RunStopped):
-    """The loss became NaN/inf."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__("diverged", reason)
-
-
-class TrainingCollapsed(RunStopped):
-    """Every latent went silent after the sparsity warm-up: nothing left to train."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__("collapsed", reason)
-
-
-def stream_key(cfg: Config | DictConfig) -> str:
-    """What runs must agree on to share batches (train_pack): the data, its order, batch size, device."""
-    cfg = _as_dictconfig(cfg)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return json.dumps([data, cfg.batch_size, str(resolve_device(cfg.device))], sort_keys=True)
-
 
 OnLog = Callable[[dict[str, float]], None]
 # A run whose mean L0 stays below this after the sparsity warm-up has collapsed (< 1 firing per 100 tokens).
@@ -96,84 +57,13 @@ class RunState:
     curves: list[dict[str, float]] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _as_dictconfig(cfg: Config | DictConfig) -> DictConfig:
-    if isinstance(cfg, DictConfig):
-        return cfg
-    return OmegaConf.structured(cfg)
-
-
-class StopRequests:
-    """Turns SIGINT/SIGTERM into a request the loop honours between steps, so the checkpoint it then
-    writes is consistent (a signal mid-step would leave weights and step counter out of step)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
-
-    def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class SharedData:
-    """The data side of a run, opened once for every member of a pack (they share data config and seed):
-    the dataset, its scale factor and the sample that initialises b_dec."""
-
-    def __init__(self, data_cfg: Any, progress: bool) -> None:
-        self.cfg = data_cfg
-        self.dataset = open_dataset(data_cfg, progress=progress)
-        self._scale: tuple[float, float] | None = None
-        self._sample: torch.Tensor | None = None
-
-    def scale(self) -> tuple[float, float]:
-        """(scale factor, raw mean norm), estimated once."""
-        if self._scale is None:
-            cfg = self.cfg
-            if cfg.scale_factor is not None:
-                _, raw_mean_norm = self.dataset.estimate_scale(min(cfg.scale_tokens, INIT_SAMPLE_TOKENS))
-                self._scale = (float(cfg.scale_factor), raw_mean_norm)
-            else:
-                log.info("estimating the scale factor on up to %d tokens", cfg.scale_tokens)
-                self._scale = self.dataset.estimate_scale(cfg.scale_tokens)
-            log.info(
-                "raw mean norm %.4g, scale factor %.4g (E||x|| = sqrt(%d))",
-                self._scale[1],
-                self._scale[0],
-                self.dataset.d_in,
-            )
-        return self._scale
-
-    def init_sample(self) -> torch.Tensor:
-        """Raw train tokens the models initialise from (b_dec = their mean after scaling)."""
-        if self._sample is None:
-            self._sample = self.dataset.sample(min(INIT_SAMPLE_TOKENS, self.dataset.n_train_tokens))
-        return self._sample
-
-
 class Trainer:
     """One training run: model, optimizer, state, run directory. `train(cfg)` trains one; `train_pack`
-    steps several on the same batches. The loop that feeds batches is `_run_pack`."""
+    (pack.py) steps several on the same batches. The loop that feeds them batches is loop.run_pack."""
 
     def __init__(self, cfg: Config | DictConfig, on_log: OnLog | None = None):
         self.on_log = on_log
-        self.cfg = _as_dictconfig(cfg)
+        self.cfg = as_dictconfig(cfg)
         validate(self.cfg)
         self.run_dir = Path(self.cfg.out_dir)
         self.device = resolve_device(self.cfg.device)
@@ -199,10 +89,29 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, shared: SharedData | None = None) -> None:
+        """Open the data (or use a pack's), size the run, build the model, resume or start fresh."""
         cfg = self.cfg
-        shared = shared if shared is not None else SharedData(cfg.data, cfg.train.progress)
-        self.shared = shared
-        self.data = shared.dataset
+        self.shared = shared if shared is not None else SharedData(cfg.data, cfg.train.progress)
+        self.data = self.shared.dataset
+        self._plan()
+        self._build()
+        checkpoint = read_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            self._fresh_start()
+        self.sae.to(self.device)
+        self.optimizer = self._make_optimizer()
+        if checkpoint is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        precision = cfg.train.precision
+        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.sums = torch.tensor(self.state.interval_sums, device=self.device)
+        self.n_in_sums = self.state.interval_steps
+
+    def _plan(self) -> None:
+        """The recipe's width, coefficient and lr, checked against the data; the step budget."""
+        cfg = self.cfg
         d_in = self.data.d_in
         arch = cfg.model.name
         self.hidden, coef, self.lr = resolve_recipe(arch, d_in, cfg.hidden_dim, cfg.l1_lambda, cfg.lr)
@@ -224,25 +133,13 @@ class Trainer:
         self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
         self.log_every_steps = max(1, round(cfg.train.log_every_tokens / cfg.batch_size))
 
+    def _build(self) -> None:
+        cfg = self.cfg
         generator = torch.Generator().manual_seed(cfg.seed)
-        self.sae: SAE = build_sae(cfg.model, d_in, self.hidden, generator)
+        self.sae: SAE = build_sae(cfg.model, self.data.d_in, self.hidden, generator)
         self.dead = DeadLatentTracker(self.hidden, cfg.train.dead_window, self.device)
         self.state = RunState()
         self.resumed_from_tokens = 0
-
-        checkpoint = read_checkpoint(self.run_dir)
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        else:
-            self._fresh_start()
-        self.sae.to(self.device)
-        self.optimizer = self._make_optimizer()
-        if checkpoint is not None:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        precision = cfg.train.precision
-        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.sums = torch.tensor(self.state.interval_sums, device=self.device)
-        self.n_in_sums = self.state.interval_steps
 
     def _fresh_start(self) -> None:
         self.scale_factor, self.raw_mean_norm = self.shared.scale()
@@ -385,51 +282,20 @@ class Trainer:
         )
 
     # --- evaluation and outputs ---------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        self.sae.eval()
-        acc = EvalAccumulator(self.hidden, self.device)
-        truth = self.data.ground_truth
-        f1_acc = None
-        metrics: dict[str, Any] = {}
-        self.latents: dict[str, list[Any]] = {}  # per-latent ground-truth scores, aligned to latent index
-        if truth is not None:
-            true_idx, latent_idx, abs_cos = match_features(
-                truth.features, self.sae.W_dec.detach().float().cpu()
-            )
-            metrics["mcc"] = float(abs_cos.mean())
-            f1_acc = F1Accumulator(true_idx.to(self.device), latent_idx.to(self.device))
-        dec_norms = self.sae.dec_norms().float()
-        batches = self.data.test_batches(
-            self.cfg.batch_size, self.cfg.train.eval_tokens, with_truth=truth is not None
+        """Held-out metrics (evaluate_sae) plus the run's loss at its final coefficient."""
+        result = evaluate_sae(
+            self.sae,
+            self.data,
+            self.scale_factor,
+            batch_size=self.cfg.batch_size,
+            max_tokens=self.cfg.train.eval_tokens,
+            device=self.device,
         )
-        for item in batches:
-            x_raw, active = item if truth is not None else (item, None)
-            x = x_raw.to(self.device) * self.scale_factor
-            f = self.sae.encode(x)
-            x_hat = self.sae.decode(f)
-            acc.update(x, x_hat, f, dec_norms)
-            if f1_acc is not None:
-                f1_acc.update(f, active.to(self.device))
-        metrics.update(acc.compute())
-        if f1_acc is not None:
-            f1 = f1_acc.compute()
-            metrics["f1"] = float(f1["f1_mean"])
-            self.latents = _per_latent(
-                self.hidden,
-                latent_idx,
-                {
-                    "matched_feature": true_idx,
-                    "match_cos": abs_cos,
-                    "f1": f1["f1"],
-                    "precision": f1["precision"],
-                    "recall": f1["recall"],
-                },
-            )
+        metrics: dict[str, Any] = dict(result.metrics)
+        self.density, self.latents = result.density, result.latents
         sparsity = metrics["l0"] if self.cfg.model.name == "jumprelu" else metrics["l1"]
         metrics["loss"] = metrics["mse"] + self.l1_lambda * sparsity
-        self.density = acc.density().cpu()
-        self.sae.train()
         return metrics
 
     def final_metrics(self, eval_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -488,213 +354,6 @@ class Trainer:
         remove_checkpoint(self.run_dir)
 
 
-Outcome = dict[str, Any] | BaseException  # a member's metrics, or why it has none
-
-
-class PackInterrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM during train_pack: `outcomes` holds the members that had ended by then (by index
-    in the configs); every other member wrote its checkpoint and resumes from it."""
-
-    def __init__(self, outcomes: dict[int, Outcome]) -> None:
-        super().__init__()
-        self.outcomes = outcomes
-
-
-# A pack steps each member through a window of shared batches before the next member's turn: its weights
-# and Adam state stay in cache for the window (on this CPU round-robin stepping of 8 small SAEs lost
-# 5-15% to cache misses), while the window's batches are read once for every member.
-WINDOW_BYTES = 64 * 2**20
-MAX_WINDOW = 8
-
-
-def _window(n_members: int, batch_size: int, d_in: int) -> int:
-    if n_members == 1:
-        return 1
-    return max(1, min(MAX_WINDOW, WINDOW_BYTES // (4 * batch_size * d_in)))
-
-
-def _run_pack(members: list[Trainer], outcomes: dict[int, Outcome]) -> None:
-    """Train set-up members (same data, batch size, device) on one stream of batches until each has
-    finished or stopped; outcomes[i] gets member i's metrics or exception. Members resumed further
-    along wait until the stream reaches them, so each sees exactly the batches it would alone."""
-    first = members[0]
-    cfg = first.cfg
-    active = dict(enumerate(members))
-    start = min(m.next_batch for m in members)
-    per_epoch = first.batches_per_epoch
-    batches = DeviceFeed(
-        first.data.train_batches(cfg.batch_size, start // per_epoch, start % per_epoch), first.device
-    )
-    window = _window(len(members), cfg.batch_size, first.data.d_in)
-    checkpoint_every_s = min(m.cfg.train.checkpoint_every_s for m in members)
-    sync = first.device.type == "cuda"
-    bar = tqdm(
-        total=sum(m.total_steps for m in members),
-        initial=sum(m.state.step for m in members),
-        disable=not cfg.train.progress,
-        unit="step",
-        desc=(
-            f"{cfg.model.name} h={first.hidden}"
-            if len(members) == 1
-            else f"pack of {len(members)} on shared batches"
-        ),
-        dynamic_ncols=True,
-    )
-
-    def end(i: int, outcome: Outcome) -> None:
-        outcomes[i] = outcome
-        del active[i]
-
-    def checkpoint_all() -> None:
-        for i, m in list(active.items()):
-            try:
-                m.checkpoint()
-            except RunStopped as err:
-                m.record_stop(err)
-                end(i, err)
-
-    last_checkpoint = time.monotonic()
-    try:
-        with StopRequests() as stop:
-            while active:
-                if stop.requested:
-                    checkpoint_all()
-                    if not active:  # every run had ended (e.g. diverged): nothing to resume
-                        break
-                    log.warning(
-                        "stopped by %s at %s; checkpoint written, re-run the same command to resume",
-                        stop.requested,
-                        ", ".join(f"{m.state.tokens_seen} tokens" for m in active.values()),
-                    )
-                    raise KeyboardInterrupt
-                t0 = time.perf_counter()
-                shared = []  # (epoch, batch in epoch, index, x raw on the device)
-                for _ in range(window):
-                    epoch, batch_in_epoch, x_dev = next(batches)
-                    shared.append((epoch, batch_in_epoch, epoch * per_epoch + batch_in_epoch, x_dev))
-                scaled: dict[tuple[float, int], torch.Tensor] = {}  # one product per scale factor
-                steps_done: dict[int, int] = {}
-                logged = False  # on CUDA the host waits for the device only in windows that log a row
-                outside = 0.0  # seconds spent evaluating finished runs: not training time
-                for i, m in list(active.items()):
-                    for epoch, batch_in_epoch, index, x_dev in shared:
-                        if i not in active or stop.requested:
-                            break
-                        if m.next_batch != index:
-                            continue
-                        key = (m.scale_factor, index)
-                        if key not in scaled:
-                            scaled[key] = x_dev * m.scale_factor
-                        try:
-                            due = m.step(scaled[key], epoch, batch_in_epoch)
-                            steps_done[i] = steps_done.get(i, 0) + 1
-                            if due:
-                                logged = True
-                                m.end_interval()
-                                if m.finished:
-                                    t_finish = time.perf_counter()
-                                    end(i, m.finish())
-                                    outside += time.perf_counter() - t_finish
-                        except RunStopped as err:
-                            m.record_stop(err)
-                            end(i, err)
-                        except Exception as err:  # a bug in one member's model must not end the others
-                            log.exception("run in %s failed", m.run_dir)
-                            end(i, err)
-                if sync and logged:  # a log row synced the host already: settle the rest of the window
-                    torch.cuda.synchronize()  # so the wall-clock split below is the real one
-                elapsed = time.perf_counter() - t0 - outside
-                total = sum(steps_done.values())
-                for i, n in steps_done.items():
-                    members[i].state.train_seconds += elapsed * n / total
-                bar.update(total)
-                if len(members) == 1 and first.state.curves:
-                    bar.set_postfix(first.postfix(), refresh=False)
-                elif len(members) > 1:
-                    bar.set_postfix(running=len(active), refresh=False)
-                if active and time.monotonic() - last_checkpoint >= checkpoint_every_s:
-                    checkpoint_all()
-                    last_checkpoint = time.monotonic()
-    finally:
-        bar.close()
-        batches.close()
-
-
-def train_pack(cfgs: list[Config | DictConfig], on_logs: list[OnLog | None] | None = None) -> list[Outcome]:
-    """Train several runs on one pass over shared batches; returns each run's metrics, or the exception
-    that stopped it (RunStopped, a SaeSweepError, or another error), in the order of `cfgs`.
-
-    Every config must name the same data, data.shuffle_seed, batch_size and device (stream_key);
-    the runs may differ in anything else (architecture, width, l1_lambda, lr, k, seed, budget). Each run
-    keeps its own directory, checkpoint, curves and metrics, and gets exactly the result `train(cfg)`
-    gives it. Ctrl-C or SIGTERM checkpoints every unfinished run and raises PackInterrupted, which carries
-    the outcomes of the runs that had ended.
-    """
-    on_logs = on_logs if on_logs is not None else [None] * len(cfgs)
-    outcomes: dict[int, Outcome] = {}
-    members: dict[int, Trainer] = {}
-    for i, (cfg, on_log) in enumerate(zip(cfgs, on_logs, strict=True)):
-        try:
-            member = Trainer(cfg, on_log)
-            finished = member.previous_outcome()
-        except (SaeSweepError, RunStopped) as err:
-            outcomes[i] = err
-            continue
-        if finished is not None:
-            outcomes[i] = finished
-        else:
-            members[i] = member
-    keys = {stream_key(m.cfg) for m in members.values()}
-    if len(keys) > 1:
-        raise ValueError(
-            "train_pack: the configs differ in data, batch_size or device; they cannot share batches"
-        )
-    if members:
-        first = next(iter(members.values()))
-        try:
-            shared = SharedData(first.cfg.data, first.cfg.train.progress)
-        except SaeSweepError as err:  # the data itself: every member fails the same way
-            return [outcomes.get(i, err) for i in range(len(cfgs))]
-        ready: dict[int, Trainer] = {}
-        for i, member in members.items():
-            try:
-                member.setup(shared)
-                ready[i] = member
-            except SaeSweepError as err:
-                outcomes[i] = err
-        if ready:
-            order = list(ready)
-            sub: dict[int, Outcome] = {}
-            try:
-                _run_pack([ready[i] for i in order], sub)
-            except KeyboardInterrupt:
-                outcomes.update({order[j]: outcome for j, outcome in sub.items()})
-                raise PackInterrupted(outcomes) from None
-            for j, outcome in sub.items():
-                outcomes[order[j]] = outcome
-    return [outcomes[i] for i in range(len(cfgs))]
-
-
-def _per_latent(hidden: int, latent_idx: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, list]:
-    """Spread per-matched-pair values onto latent positions (None for latents matched to no feature)."""
-    out: dict[str, list] = {}
-    positions = latent_idx.tolist()
-    for name, vals in values.items():
-        column: list[Any] = [None] * hidden
-        for pos, v in zip(positions, vals.tolist(), strict=True):
-            column[pos] = v
-        out[name] = column
-    return out
-
-
-def summary_line(metrics: dict[str, Any]) -> str:
-    parts = [f"{metrics.get('status', '?')}:"]
-    for key in ("mse", "explained_variance", "l0", "dead_frac", "mcc"):
-        if metrics.get(key) is not None:
-            parts.append(f"{key}={metrics[key]:.4g}")
-    return " ".join(parts)
-
-
 def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> dict[str, Any]:
     """Train one SAE into cfg.out_dir and return its metrics (also written to metrics.json).
 
@@ -709,7 +368,7 @@ def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> dict[str, An
         return finished
     trainer.setup()
     outcomes: dict[int, Outcome] = {}
-    _run_pack([trainer], outcomes)
+    run_pack([trainer], outcomes)
     outcome = outcomes[0]
     if isinstance(outcome, BaseException):
         raise outcome
