@@ -3,14 +3,13 @@
 Hydra composes `conf/config.yaml` with the groups model/, data/ and optimizer/ on top of these
 dataclasses (type errors are caught by OmegaConf); `validate(cfg)` then checks the values against
 each other before any work is done and raises `ConfigError` naming the key, the value and what is
-allowed.
+allowed. (`eval.lm`'s model and text are found on disk by `sae_sweep.lm_eval.check_lm_eval`; the
+trainer's `check_config` runs both.)
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sae_sweep.checks import check_device, field_docs, fraction, one_of, positive
 from sae_sweep.errors import ConfigError
-from sae_sweep.lm_eval import LMEvalConfig
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 TOPK_FAMILY = ("topk", "batchtopk")
 # Architectures whose loss has a sparsity coefficient (`l1_lambda`): L1 for relu, L0 for jumprelu.
 USES_SPARSITY_COEF = ("relu", "jumprelu")
 DATA_KINDS = ("synthetic", "shards")
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -151,6 +149,20 @@ LAUNCHERS = ("local", "slurm")
 
 
 @dataclass
+class LMEvalConfig:
+    enabled: bool = False  # compute ce_loss_score and delta_lm_loss (causal LMs only; costs LM forwards)
+    # a harvest folder whose manifest.json names the model, layer, hook and text; null = the run's data.path
+    harvest: str | None = None
+    model: str | None = None  # override the manifest's model (a local folder or a cached name)
+    layer: int | None = None  # override the manifest's layer
+    hook: str | None = None  # override the manifest's hook: resid_post | mlp_out | attn_out
+    text: str | None = None  # override the manifest's text; its held-out documents are used
+    tokens: int = 16_384  # held-out tokens whose next-token loss is averaged
+    batch_size: int = 8  # sequences per forward pass
+    device: str = "auto"  # auto | cpu | cuda: where the language model runs
+
+
+@dataclass
 class EvalConfig:
     # eval.lm.*: splice the SAE into a causal LM on held-out text (ce_loss_score, delta_lm_loss)
     lm: LMEvalConfig = field(default_factory=LMEvalConfig)
@@ -193,22 +205,6 @@ def default_lr(arch: str, d_in: int, hidden: int) -> float:
     return 1e-3 * math.sqrt(128 / d_in)
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """Each field's documentation: its trailing comment, or the comment lines just above it."""
-    docs: dict[str, str] = {}
-    pending: list[str] = []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            pending.append(stripped.lstrip("# "))
-            continue
-        match = re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", stripped)
-        if match:
-            docs[match.group(1)] = " ".join([*pending, match.group(2) or ""]).strip()
-        pending = []
-    return docs
-
-
 def keys_help() -> str:
     """Every config key with its documentation, for `--help`."""
     sections = [
@@ -223,7 +219,7 @@ def keys_help() -> str:
     ]
     lines = []
     for prefix, cls in sections:
-        for name, doc in _field_comments(cls).items():
+        for name, doc in field_docs(cls).items():
             if doc and name != "out_dir":
                 lines.append(f"  {prefix + name:<28} {doc}")
     return "\n".join(lines)
@@ -245,33 +241,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("sae_sweep_keys_help"):
         OmegaConf.register_new_resolver("sae_sweep_keys_help", keys_help)
-
-
-def _positive(key: str, value: float | int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ConfigError(key, value, "a positive finite number")
-
-
-def _fraction(key: str, value: float, *, upper_open: bool = True) -> None:
-    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
-        raise ConfigError(key, value, "a fraction in [0, 1)" if upper_open else "a fraction in [0, 1]")
-
-
-def one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(key, value, "one of " + ", ".join(allowed))
-
-
-def check_device(value: str, key: str = "device") -> None:
-    """auto | cpu | cuda, and cuda only where a CUDA device is present."""
-    one_of(key, value, DEVICES)
-    if value == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(key, "cuda", "auto or cpu: no CUDA device is available here")
 
 
 def validate(cfg: Config | DictConfig) -> None:
@@ -307,22 +276,22 @@ def validate(cfg: Config | DictConfig) -> None:
             raise ConfigError("hidden_dim", cfg.hidden_dim, "a positive integer (number of latents)")
         if m.k is not None and m.k > cfg.hidden_dim:
             raise ConfigError("model.k", m.k, f"at most hidden_dim ({cfg.hidden_dim})")
-    _positive("lr", cfg.lr, allow_none=True)
+    positive("lr", cfg.lr, allow_none=True)
     if cfg.batch_size < 1:
         raise ConfigError("batch_size", cfg.batch_size, "a positive integer (tokens per step)")
     if cfg.tokens is not None and cfg.epochs is not None:
         raise ConfigError("tokens", cfg.tokens, "null when epochs is set: give one training budget")
-    _positive("tokens", cfg.tokens, allow_none=True)
-    _positive("epochs", cfg.epochs, allow_none=True)
+    positive("tokens", cfg.tokens, allow_none=True)
+    positive("epochs", cfg.epochs, allow_none=True)
 
-    _positive("model.aux_k_coef", m.aux_k_coef) if m.aux_k_coef != 0 else None
+    positive("model.aux_k_coef", m.aux_k_coef) if m.aux_k_coef != 0 else None
     if m.aux_k is not None and m.aux_k < 1:
         raise ConfigError("model.aux_k", m.aux_k, "a positive integer or null (= d_in / 2)")
-    _positive("model.aux_dead_tokens", m.aux_dead_tokens)
-    _positive("model.dec_init_norm", m.dec_init_norm, allow_none=True)
-    _positive("model.jump_bandwidth", m.jump_bandwidth)
-    _positive("model.jump_threshold_init", m.jump_threshold_init)
-    _fraction("model.threshold_momentum", m.threshold_momentum)
+    positive("model.aux_dead_tokens", m.aux_dead_tokens)
+    positive("model.dec_init_norm", m.dec_init_norm, allow_none=True)
+    positive("model.jump_bandwidth", m.jump_bandwidth)
+    positive("model.jump_threshold_init", m.jump_threshold_init)
+    fraction("model.threshold_momentum", m.threshold_momentum)
 
     if d.kind == "shards":
         if d.path is None:
@@ -331,41 +300,37 @@ def validate(cfg: Config | DictConfig) -> None:
             raise ConfigError("data.path", d.path, "an existing folder of activation shards")
     if not 0 < d.test_fraction < 1:
         raise ConfigError("data.test_fraction", d.test_fraction, "a fraction in (0, 1)")
-    _positive("data.scale_factor", d.scale_factor, allow_none=True)
-    _positive("data.scale_tokens", d.scale_tokens)
-    _positive("data.buffer_mb", d.buffer_mb)
-    _positive("data.chunk_tokens", d.chunk_tokens)
-    _positive("data.default_epochs", d.default_epochs)
+    positive("data.scale_factor", d.scale_factor, allow_none=True)
+    positive("data.scale_tokens", d.scale_tokens)
+    positive("data.buffer_mb", d.buffer_mb)
+    positive("data.chunk_tokens", d.chunk_tokens)
+    positive("data.default_epochs", d.default_epochs)
     if d.kind == "synthetic":
         for key in ("d_in", "n_features", "n_tokens", "true_l0", "magnitude_mean"):
-            _positive(f"data.{key}", getattr(d, key))
+            positive(f"data.{key}", getattr(d, key))
         if d.true_l0 > d.n_features:
             raise ConfigError("data.true_l0", d.true_l0, f"at most data.n_features ({d.n_features})")
-        _positive("data.correlation_rank", d.correlation_rank)
+        positive("data.correlation_rank", d.correlation_rank)
         for key in ("zipf_exponent", "magnitude_std", "bias_norm", "noise_std", "feature_magnitude_spread"):
             if getattr(d, key) < 0:
                 raise ConfigError(f"data.{key}", getattr(d, key), "a number >= 0")
-        _fraction("data.correlation", d.correlation, upper_open=False)
-        _fraction("data.hierarchy_frac", d.hierarchy_frac)
+        fraction("data.correlation", d.correlation, upper_open=False)
+        fraction("data.hierarchy_frac", d.hierarchy_frac)
 
     for key in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac"):
-        _fraction(f"optimizer.{key}", getattr(o, key), upper_open=False)
+        fraction(f"optimizer.{key}", getattr(o, key), upper_open=False)
     if o.lr_warmup_frac + o.lr_decay_frac > 1:
         raise ConfigError("optimizer.lr_decay_frac", o.lr_decay_frac, "at most 1 - optimizer.lr_warmup_frac")
     if o.grad_clip < 0:
         raise ConfigError("optimizer.grad_clip", o.grad_clip, "a number >= 0 (0 = no clipping)")
-    _fraction("optimizer.beta1", o.beta1)
-    _fraction("optimizer.beta2", o.beta2)
-    _positive("optimizer.eps", o.eps)
+    fraction("optimizer.beta1", o.beta1)
+    fraction("optimizer.beta2", o.beta2)
+    positive("optimizer.eps", o.eps)
     one_of("train.precision", t.precision, PRECISIONS)
-    _positive("train.log_every_tokens", t.log_every_tokens)
-    _positive("train.checkpoint_every_s", t.checkpoint_every_s)
-    _positive("train.dead_window", t.dead_window)
-    _positive("train.eval_tokens", t.eval_tokens, allow_none=True)
-    if cfg.eval.lm.enabled:
-        from sae_sweep.lm_eval import check_lm_eval  # resolves model and text without loading the model
-
-        check_lm_eval(cfg.eval.lm, d.path if d.kind == "shards" else None)
+    positive("train.log_every_tokens", t.log_every_tokens)
+    positive("train.checkpoint_every_s", t.checkpoint_every_s)
+    positive("train.dead_window", t.dead_window)
+    positive("train.eval_tokens", t.eval_tokens, allow_none=True)
 
 
 def validate_sweep(s: SweepConfig | DictConfig) -> None:
@@ -374,9 +339,9 @@ def validate_sweep(s: SweepConfig | DictConfig) -> None:
     one_of("sweep.pruner", s.pruner, PRUNERS)
     one_of("sweep.launcher", s.launcher, LAUNCHERS)
     for key in ("n_trials", "workers", "heartbeat_s", "grace_s"):
-        _positive(f"sweep.{key}", getattr(s, key))
-    _positive("sweep.threads_per_worker", s.threads_per_worker, allow_none=True)
-    _positive("sweep.pack", s.pack, allow_none=True)
+        positive(f"sweep.{key}", getattr(s, key))
+    positive("sweep.threads_per_worker", s.threads_per_worker, allow_none=True)
+    positive("sweep.pack", s.pack, allow_none=True)
     if s.grace_s <= s.heartbeat_s:
         raise ConfigError("sweep.grace_s", s.grace_s, f"more than sweep.heartbeat_s ({s.heartbeat_s})")
     if s.pruner_startup_trials < 1 or s.pruner_warmup_rows < 0:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,27 +33,15 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from sae_sweep import rundir
+from sae_sweep.config import LMEvalConfig
 from sae_sweep.errors import ConfigError, SaeSweepError
+from sae_sweep.harvest import read_manifest
+from sae_sweep.harvest.config import HOOKS, HarvestConfig
+from sae_sweep.harvest.hooks import LayerSite, find_site, hooked, is_causal_lm, load_model, resolve_model
+from sae_sweep.harvest.text import Batch, Framing, batches, framing, resolve_text
+from sae_sweep.models import load_sae
 
-# The harvest modules are imported where used: sae_sweep.config can then import LMEvalConfig from
-# here without an import cycle (the harvest config reuses sae_sweep.config's field-comment parser).
-if TYPE_CHECKING:
-    from sae_sweep.harvest.hooks import LayerSite
-    from sae_sweep.harvest.text import Batch, Framing
-
-
-@dataclass
-class LMEvalConfig:
-    enabled: bool = False  # compute ce_loss_score and delta_lm_loss (causal LMs only; costs LM forwards)
-    # a harvest folder whose manifest.json names the model, layer, hook and text; null = the run's data.path
-    harvest: str | None = None
-    model: str | None = None  # override the manifest's model (a local folder or a cached name)
-    layer: int | None = None  # override the manifest's layer
-    hook: str | None = None  # override the manifest's hook: resid_post | mlp_out | attn_out
-    text: str | None = None  # override the manifest's text; its held-out documents are used
-    tokens: int = 16_384  # held-out tokens whose next-token loss is averaged
-    batch_size: int = 8  # sequences per forward pass
-    device: str = "auto"  # auto | cpu | cuda: where the language model runs
+__all__ = ["LMEvalConfig", "check_lm_eval", "lm_eval_metrics", "main"]
 
 
 @dataclass(frozen=True)
@@ -77,9 +65,6 @@ class _Settings:
 
 def _settings(lm_cfg: Any, harvest_dir: str | Path | None) -> _Settings:
     """lm_cfg's values, the harvest manifest's where lm_cfg leaves them null, then harvest defaults."""
-    from sae_sweep.harvest import read_manifest
-    from sae_sweep.harvest.config import HarvestConfig
-
     folder = getattr(lm_cfg, "harvest", None) or harvest_dir
     manifest = read_manifest(folder) if folder else None
     if folder and manifest is None and not getattr(lm_cfg, "model", None):
@@ -104,8 +89,6 @@ _BASELINES: dict[_Settings, tuple[float, float, int]] = {}
 
 
 def _model(s: _Settings) -> tuple[nn.Module, Any]:
-    from sae_sweep.harvest.hooks import is_causal_lm, load_model
-
     key = (s.model, s.dtype, s.device)
     if key not in _LOADED:
         _LOADED.clear()
@@ -118,8 +101,6 @@ def _model(s: _Settings) -> tuple[nn.Module, Any]:
 
 
 def _heldout_batches(s: _Settings, tokenizer: Any, frame: Framing) -> list[Batch]:
-    from sae_sweep.harvest.text import batches, resolve_text
-
     source = resolve_text(s.text, s.text_field, s.holdout_fraction)
     out, n = [], 0
     docs = source.documents("heldout")
@@ -143,8 +124,6 @@ def _ce_sum(
     model: nn.Module, site: LayerSite, batch: Batch, replace: Callable[[Tensor], Tensor] | None
 ) -> tuple[float, int]:
     """(summed next-token cross-entropy, token count) with the site's output optionally replaced."""
-    from sae_sweep.harvest.hooks import hooked
-
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     keep = batch.keep.to(device)[..., None]
@@ -168,10 +147,6 @@ def _reconstruct(sae: nn.Module, input_scale: float) -> Callable[[Tensor], Tenso
 
 def check_lm_eval(lm_cfg: Any, harvest_dir: str | Path | None = None) -> None:
     """Fail before training, without loading the model: settings, model location and text must resolve."""
-    from sae_sweep.harvest.config import HOOKS
-    from sae_sweep.harvest.hooks import resolve_model
-    from sae_sweep.harvest.text import resolve_text
-
     s = _settings(lm_cfg, harvest_dir)
     resolve_model(s.model)
     resolve_text(s.text, s.text_field, s.holdout_fraction)
@@ -191,9 +166,6 @@ def lm_eval_metrics(
     input_scale: 1 for a saved SAE (load_sae: raw activations); the scale factor for a model still in
     training, which works on raw activations * scale (its reconstruction is divided by it again).
     """
-    from sae_sweep.harvest.hooks import find_site
-    from sae_sweep.harvest.text import framing
-
     s = _settings(lm_cfg, harvest_dir)
     model, tokenizer = _model(s)
     site = find_site(model, s.layer, s.hook)
@@ -222,8 +194,6 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[-1].strip())
         return 0
-    from sae_sweep.models import load_sae
-
     run_dir = Path(argv[0])
     try:
         overrides = OmegaConf.from_dotlist(argv[1:])

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from sae_sweep.config import _field_comments, check_device, one_of
+from sae_sweep.checks import check_device, field_docs, one_of
 from sae_sweep.errors import ConfigError
 
 # Where in block `layer` the activations come from. Names follow TransformerLens (and so SAELens).
@@ -52,7 +52,7 @@ class HarvestConfig:
 
 
 def keys_help() -> str:
-    lines = [f"  {name:<18} {doc}" for name, doc in _field_comments(HarvestConfig).items()]
+    lines = [f"  {name:<18} {doc}" for name, doc in field_docs(HarvestConfig).items()]
     return "\n".join(lines)
 
 
@@ -82,7 +82,7 @@ def _given(argv: list[str], key: object) -> str | None:
 
 
 def _keys() -> str:
-    return "one of the keys " + ", ".join(_field_comments(HarvestConfig))
+    return "one of the keys " + ", ".join(field_docs(HarvestConfig))
 
 
 def validate(cfg: HarvestConfig) -> None:

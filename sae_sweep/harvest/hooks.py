@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_sweep.checks import resolve_device
 from sae_sweep.errors import ConfigError, SaeSweepError
 
 # Models shipped inside a pip package: name -> (package, function returning the model folder).
@@ -71,12 +72,6 @@ def resolve_model(name: str) -> Path:
 def is_causal_lm(config: Any) -> bool:
     archs = getattr(config, "architectures", None) or []
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_model(name: str, *, causal_lm: bool, dtype: str, device: str) -> tuple[nn.Module, Any, Path]:

@@ -15,12 +15,13 @@ from typing import Any
 
 import optuna
 
-from sae_sweep.config import validate, validate_sweep
+from sae_sweep.config import validate_sweep
 from sae_sweep.errors import ConfigError
 from sae_sweep.sweep.compose import Composer, sweep_settings
 from sae_sweep.sweep.objectives import Objective, parse_objectives
 from sae_sweep.sweep.space import SearchSpace, parse_space
 from sae_sweep.sweep.store import StudyStore, resolve_store
+from sae_sweep.train.trainer import check_config
 
 RESERVED_DIRS = ("runs", "data")  # outputs/runs and outputs/data belong to single runs and the data cache
 
@@ -79,7 +80,7 @@ def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> S
             base = cfg
             validate_sweep(cfg.sweep)
         if check:
-            validate(cfg)
+            check_config(cfg)
     assert base is not None
     settings = sweep_settings(base)
     sampler = settings.sampler

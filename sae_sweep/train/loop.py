@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from sae_sweep.checks import resolve_device
 from sae_sweep.config import Config
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
@@ -42,12 +43,6 @@ Outcome = dict[str, Any] | BaseException  # a member's metrics, or why it has no
 # 5-15% to cache misses), while the window's batches are read once for every member.
 WINDOW_BYTES = 64 * 2**20
 MAX_WINDOW = 8
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def as_dictconfig(cfg: Config | DictConfig) -> DictConfig:

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep import rundir
+from sae_sweep.checks import resolve_device
 from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, resolve_recipe, validate
 from sae_sweep.errors import (
     ConfigError,
@@ -28,11 +29,12 @@ from sae_sweep.errors import (
     TrainingCollapsed,
     TrainingDiverged,
 )
+from sae_sweep.lm_eval import check_lm_eval, lm_eval_metrics
 from sae_sweep.metrics import DeadLatentTracker, density_histogram
 from sae_sweep.models import SAE, build_sae, save_sae
 from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
 from sae_sweep.train.evaluate import evaluate_sae
-from sae_sweep.train.loop import Outcome, SharedData, as_dictconfig, resolve_device, run_pack
+from sae_sweep.train.loop import Outcome, SharedData, as_dictconfig, run_pack
 from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 
 log = logging.getLogger("sae_sweep")
@@ -40,6 +42,14 @@ log = logging.getLogger("sae_sweep")
 OnLog = Callable[[dict[str, float]], None]
 # A run whose mean L0 stays below this after the sparsity warm-up has collapsed (< 1 firing per 100 tokens).
 COLLAPSED_L0 = 0.01
+
+
+def check_config(cfg: Config | DictConfig) -> None:
+    """Everything a run's config must pass before any work: its values (config.validate) and, with
+    eval.lm enabled, a language model and text that resolve (without loading the model)."""
+    validate(cfg)
+    if cfg.eval.lm.enabled:
+        check_lm_eval(cfg.eval.lm, cfg.data.path if cfg.data.kind == "shards" else None)
 
 
 @dataclass
@@ -64,7 +74,7 @@ class Trainer:
     def __init__(self, cfg: Config | DictConfig, on_log: OnLog | None = None):
         self.on_log = on_log
         self.cfg = as_dictconfig(cfg)
-        validate(self.cfg)
+        check_config(self.cfg)
         self.run_dir = Path(self.cfg.out_dir)
         self.device = resolve_device(self.cfg.device)
         self.cfg_dict: dict[str, Any] = OmegaConf.to_container(self.cfg, resolve=True)  # type: ignore[assignment]
@@ -330,8 +340,6 @@ class Trainer:
         """Evaluate the finished run, write its outputs, drop its checkpoint; returns its metrics."""
         metrics = self.final_metrics(self.evaluate())
         if self.cfg.eval.lm.enabled:
-            from sae_sweep.lm_eval import lm_eval_metrics
-
             data_path = self.cfg.data.path if self.cfg.data.kind == "shards" else None
             metrics.update(lm_eval_metrics(self.sae, self.cfg.eval.lm, data_path, self.scale_factor))
         save_sae(self.sae, self.run_dir / rundir.SAE, self.scale_factor, self.raw_mean_norm)
