@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sae_sweep.config import register_configs
 from sae_sweep.errors import RunStopped, SaeSweepError
@@ -16,19 +16,7 @@ from sae_sweep.errors import RunStopped, SaeSweepError
 log = logging.getLogger("sae_sweep")
 
 
-def run_name(override_dirname: str) -> str:
-    """A directory name from the command's overrides ('default' for none); no nested folders."""
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
-    return name[:200] or "default"
-
-
-def _register() -> None:
-    register_configs()
-    if not OmegaConf.has_resolver("sae_sweep_run_name"):
-        OmegaConf.register_new_resolver("sae_sweep_run_name", run_name)
-
-
-def summary_line(metrics: dict[str, Any]) -> str:
+def summary_line(metrics: Mapping[str, Any]) -> str:
     """The run's headline metrics on one line ("completed: mse=... explained_variance=... ...")."""
     parts = [f"{metrics.get('status', '?')}:"]
     for key in ("mse", "explained_variance", "l0", "dead_frac", "mcc"):
@@ -59,5 +47,5 @@ if __name__ == "__main__":
         from sae_sweep.sweep.driver import main as sweep_main
 
         sys.exit(sweep_main(sys.argv[1:]))
-    _register()
+    register_configs()
     main()

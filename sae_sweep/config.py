@@ -10,6 +10,7 @@ trainer's `check_config` runs both.)
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,11 +237,20 @@ def resolve_recipe(
     return hidden, coef, lr if lr is not None else default_lr(arch, d_in, hidden)
 
 
+def run_name(override_dirname: str) -> str:
+    """A directory name from the command's overrides ('default' for none); no nested folders."""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
+    return name[:200] or "default"
+
+
 def register_configs() -> None:
+    """The schema and the resolvers conf/config.yaml uses; before Hydra composes (CLI, compose_config)."""
     # The schema of the whole tree, groups included: group yaml files only set values on it.
     ConfigStore.instance().store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("sae_sweep_keys_help"):
         OmegaConf.register_new_resolver("sae_sweep_keys_help", keys_help)
+    if not OmegaConf.has_resolver("sae_sweep_run_name"):
+        OmegaConf.register_new_resolver("sae_sweep_run_name", run_name)
 
 
 def validate(cfg: Config | DictConfig) -> None:

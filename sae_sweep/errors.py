@@ -7,6 +7,7 @@ and PackInterrupted a Ctrl-C / SIGTERM that left checkpoints to resume from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -60,6 +61,6 @@ class PackInterrupted(KeyboardInterrupt):
     in the configs: metrics, or the exception that stopped them); every other member wrote its checkpoint
     and resumes from it."""
 
-    def __init__(self, outcomes: dict[int, dict[str, Any] | BaseException]) -> None:
+    def __init__(self, outcomes: Mapping[int, Mapping[str, Any] | BaseException]) -> None:
         super().__init__()
         self.outcomes = outcomes

@@ -24,7 +24,7 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict, cast
 
 from omegaconf import OmegaConf
 
@@ -38,6 +38,56 @@ SAE = "sae.safetensors"
 DENSITY = "density.json"
 
 TEMP_SUFFIX = ".tmp"
+
+
+class Metrics(TypedDict, total=False):
+    """metrics.json: what `train` returns. A completed run has the held-out metrics and the run facts;
+    a stopped one (diverged, collapsed, pruned) its `status`, `reason` and last curves.csv row."""
+
+    status: str  # completed | diverged | collapsed | pruned
+    reason: str  # why a stopped run stopped
+    # held-out evaluation (evaluate_sae), in the run's scaled units
+    mse: float
+    fvu: float  # fraction of variance unexplained = 1 - explained_variance
+    explained_variance: float
+    l0: float  # mean latents firing per token
+    l1: float
+    cos_sim: float
+    l2_ratio: float
+    pct_active_batch: float
+    dense_frac: float  # share of latents firing on more than 10% of tokens
+    n_eval_tokens: int
+    mcc: float  # synthetic data: mean |cos| of true features and their matched latents
+    f1: float  # synthetic data: mean F1 of matched latents as detectors of their features
+    loss: float  # mse + l1_lambda * sparsity at the final coefficient
+    # eval.lm (a causal LM with the SAE spliced in)
+    ce_loss_score: float
+    delta_lm_loss: float
+    ce_loss_clean: float
+    ce_loss_sae: float
+    ce_loss_zero_ablation: float
+    lm_eval_tokens: int
+    # run facts
+    dead_frac: float
+    alive_frac: float
+    dead_window_tokens: int
+    tokens: int  # tokens trained on
+    steps: int
+    tokens_per_s: float
+    train_seconds: float
+    resumed_from_tokens: int
+    architecture: str
+    d_in: int
+    hidden_dim: int
+    l1_lambda: float | None  # the coefficient used (None for architectures without one)
+    k: int | None
+    lr: float
+    batch_size: int
+    scale_factor: float
+    raw_mean_norm: float
+    # a stopped run's last curves.csv row also has these (training-batch values)
+    step: int
+
 
 # Settings that may change between the interrupted and the resuming command.
 RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress", "train.checkpoint_every_s")
@@ -126,9 +176,9 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+def read_metrics(run_dir: str | Path) -> Metrics | None:
     """metrics.json of a run directory, or None while there is none (running, never started, unreadable)."""
-    return read_json(Path(run_dir) / METRICS)
+    return cast("Metrics | None", read_json(Path(run_dir) / METRICS))
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any] | None:

@@ -18,9 +18,9 @@ def cli(args, cwd):
 
 
 def compose_cfg(overrides):
-    from sae_sweep.__main__ import _register
+    from sae_sweep.config import register_configs
 
-    _register()
+    register_configs()
     with initialize_config_module(config_module="sae_sweep.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     cfg.out_dir = "unused"

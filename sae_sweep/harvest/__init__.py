@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from sae_sweep import __version__, rundir
+from sae_sweep import rundir
+from sae_sweep._version import __version__
 from sae_sweep.data.shards import open_shard
 from sae_sweep.errors import ConfigError
 from sae_sweep.harvest.config import HarvestConfig, parse_args

@@ -33,7 +33,8 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from sae_sweep import __version__, rundir
+from sae_sweep import rundir
+from sae_sweep._version import __version__
 from sae_sweep.errors import DataError, SaeSweepError
 from sae_sweep.harvest import read_manifest
 from sae_sweep.models import FORMAT_VERSION

@@ -29,6 +29,7 @@ from sae_sweep.config import Config
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
 from sae_sweep.errors import RunStopped
+from sae_sweep.rundir import Metrics
 
 if TYPE_CHECKING:  # the members' type only: trainer.py imports this module to run them
     from sae_sweep.train.trainer import Trainer
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # the members' type only: trainer.py imports this module to r
 log = logging.getLogger("sae_sweep")
 
 INIT_SAMPLE_TOKENS = 16_384  # enough for the mean b_dec starts at; 200 MB at d_in 3072
-Outcome = dict[str, Any] | BaseException  # a member's metrics, or why it has none
+Outcome = Metrics | BaseException  # a member's metrics, or why it has none
 
 # A pack steps each member through a window of shared batches before the next member's turn: its weights
 # and Adam state stay in cache for the window (on this CPU round-robin stepping of 8 small SAEs lost

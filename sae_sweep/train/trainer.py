@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +32,7 @@ from sae_sweep.errors import (
 from sae_sweep.lm_eval import check_lm_eval, lm_eval_metrics
 from sae_sweep.metrics import DeadLatentTracker, density_histogram
 from sae_sweep.models import SAE, build_sae, save_sae
+from sae_sweep.rundir import Metrics
 from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
 from sae_sweep.train.evaluate import evaluate_sae
 from sae_sweep.train.loop import Outcome, SharedData, as_dictconfig, run_pack
@@ -79,7 +80,7 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         self.cfg_dict: dict[str, Any] = OmegaConf.to_container(self.cfg, resolve=True)  # type: ignore[assignment]
 
-    def previous_outcome(self) -> dict[str, Any] | None:
+    def previous_outcome(self) -> Metrics | None:
         """The metrics of a run already finished in run_dir (None if there is none to reuse); raises
         RunStopped for a run that stopped early, ConfigError for a different run in the directory."""
         run_dir = self.run_dir
@@ -336,7 +337,7 @@ class Trainer:
         )
         return metrics
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> Metrics:
         """Evaluate the finished run, write its outputs, drop its checkpoint; returns its metrics."""
         metrics = self.final_metrics(self.evaluate())
         if self.cfg.eval.lm.enabled:
@@ -351,7 +352,7 @@ class Trainer:
         )
         rundir.write_json(self.run_dir / rundir.METRICS, metrics)
         remove_checkpoint(self.run_dir)
-        return metrics
+        return cast(Metrics, metrics)
 
     def record_stop(self, err: RunStopped) -> None:
         """A run that stopped early: metrics.json gets its status and reason; no SAE is written."""
@@ -362,7 +363,7 @@ class Trainer:
         remove_checkpoint(self.run_dir)
 
 
-def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> dict[str, Any]:
+def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> Metrics:
     """Train one SAE into cfg.out_dir and return its metrics (also written to metrics.json).
 
     Re-running with the same config in the same directory resumes from checkpoint.pt, or returns
