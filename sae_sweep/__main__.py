@@ -25,7 +25,7 @@ def summary_line(metrics: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://sae_sweep.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from sae_sweep.train.trainer import train
 

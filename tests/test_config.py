@@ -117,3 +117,34 @@ def test_cli_cfg_job_and_help(tmp_path):
     assert res.returncode == 0 and "l1_lambda: 3" in res.stdout
     res = cli(["--help"], tmp_path)
     assert res.returncode == 0 and "model: batchtopk, jumprelu, relu, topk" in res.stdout
+
+
+def _user_groups(root):
+    """A user's config folder adding a data option and an optimizer option to the shipped groups."""
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "tiny.yaml").write_text("kind: synthetic\nd_in: 24\nn_features: 48\n")
+    (root / "optimizer").mkdir()
+    (root / "optimizer" / "slow.yaml").write_text("name: adam\nbeta2: 0.99\n")
+    return f"hydra.searchpath=[file://{root}]"
+
+
+def test_user_config_groups_from_a_searchpath_reach_cli_python_and_sweeps(tmp_path):
+    from sae_sweep import compose_config
+    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.sweep.plan import make_plan
+
+    searchpath = _user_groups(tmp_path / "myconf")
+    res = cli(["data=tiny", "optimizer=slow", searchpath, "--cfg", "job"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    job = OmegaConf.create(res.stdout)
+    assert (job.data.d_in, job.data.n_features, job.optimizer.beta2) == (24, 48, 0.99)
+    assert job.model.name == "relu"  # the shipped groups are all still there
+
+    cfg = compose_config(["data=tiny", "optimizer=slow", searchpath], out_dir=tmp_path / "run")
+    assert (cfg.data.d_in, cfg.optimizer.beta2) == (24, 0.99)
+
+    with Composer() as composer:
+        plan = make_plan(["data=tiny", searchpath, "l1_lambda=1,3"], composer)
+        trial = composer.compose(plan.space.overrides({"l1_lambda": 3.0}))
+    assert (trial.data.d_in, trial.l1_lambda) == (24, 3.0)
+    assert not plan.space.ignored

@@ -40,6 +40,7 @@ from sae_sweep.errors import ConfigError
 Primitive = None | bool | int | float | str
 # The only hydra.* key a sweep reads; other hydra.* keys configure Hydra's own runs and are ignored.
 SWEEP_DIR_KEY = "hydra.sweep.dir"
+SEARCHPATH_KEY = "hydra.searchpath"  # passed on to every trial's composition (README: your own groups)
 # Keys that may change when a sweep is resumed, so not part of what defines the experiment: how it runs
 # (sweep.*; the driver adds the resolved sampler and objectives itself) and what a resumed run ignores.
 RUNTIME_KEYS = ("sweep", "device", "train.progress", "train.checkpoint_every_s")
@@ -250,6 +251,9 @@ def parse_space(args: list[str], group_options: Callable[[str], list[str]] | Non
                 f"not set in a sweep: each trial runs in "
                 f"<sweep dir>/trials/<number> (set the sweep dir with {SWEEP_DIR_KEY}=...)",
             )
+        if bare == SEARCHPATH_KEY:  # the user's own config groups: every trial composes with them
+            space.fixed.append(arg.strip())
+            continue
         if bare.startswith("hydra.") or bare == "hydra":
             if bare != SWEEP_DIR_KEY:
                 space.ignored.append(arg)
