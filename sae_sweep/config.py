@@ -126,6 +126,9 @@ class SweepConfig:
     storage: str | None = None  # null = SQLite in the sweep dir; a postgresql/mysql URL; a .journal/.log file
     n_trials: int = 20  # Bayesian/random searches: trials in total, across restarts (grids run every point)
     workers: int = 1  # worker processes this command starts (each takes the next trial of the shared study)
+    # before its first trial a worker waits (at most grace_s) until this many workers have joined the
+    # study, so that copies of the command started together on several machines split a grid evenly
+    wait_for_workers: int = 1
     # what to optimise: metric names from metrics.json, each "name" or "name:minimize|maximize"
     objectives: list[str] = field(default_factory=lambda: ["fvu", "l0"])
     seed: int | None = None  # sampler seed (worker i uses seed + i); null = random
@@ -348,7 +351,7 @@ def validate_sweep(s: SweepConfig | DictConfig) -> None:
     one_of("sweep", s.sampler, SAMPLERS)
     one_of("sweep.pruner", s.pruner, PRUNERS)
     one_of("sweep.launcher", s.launcher, LAUNCHERS)
-    for key in ("n_trials", "workers", "heartbeat_s", "grace_s"):
+    for key in ("n_trials", "workers", "wait_for_workers", "heartbeat_s", "grace_s"):
         positive(f"sweep.{key}", getattr(s, key))
     positive("sweep.threads_per_worker", s.threads_per_worker, allow_none=True)
     positive("sweep.pack", s.pack, allow_none=True)

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from conftest import SMALL_DATA
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from sae_sweep.config import DataConfig
 from sae_sweep.data.synthetic import ensure_synthetic
+from sae_sweep.sweep.roster import workers as roster_workers
 from sae_sweep.sweep.store import OWNER_ATTR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -93,18 +95,43 @@ def test_workers_on_sqlite_share_the_grid(small_data, tmp_path):
     assert len(owners(complete)) == 2  # both worker processes took trials
 
 
+def wait_for_workers(storage: str, study_name: str | None, n: int, procs, timeout: float = 180) -> None:
+    """Until `n` workers have registered in the study (or a command ended early: it then fails the test)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert all(p.poll() is None for p in procs), "a command ended before the others joined"
+        try:
+            if len(roster_workers(optuna.load_study(study_name=study_name, storage=storage))) >= n:
+                return
+        except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} workers registered in {timeout} s")
+
+
+def per_command(trials) -> Counter:
+    return Counter(t.system_attrs[OWNER_ATTR]["pid"] for t in trials)
+
+
 def test_two_copies_of_a_command_split_the_grid(small_data, tmp_path):
+    """The second copy starts once the first has registered (it is then waiting for a second worker):
+    each trains an even share of the 12 points, packed within its share."""
     sweep = tmp_path / "sweep"
-    cmd = command(small_data, sweep, "seed=0,1,2,3,4,5", tokens=100_000)  # long enough for both to start
-    procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+    seeds = ",".join(str(i) for i in range(12))
+    cmd = command(small_data, sweep, f"seed={seeds}", "sweep.wait_for_workers=2", "sweep.grace_s=120")
+    storage = f"sqlite:///{sweep / 'study.db'}"
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_workers(storage, None, 1, [first])
+    second = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [first, second]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    complete = assert_grid_done_once(load(f"sqlite:///{sweep / 'study.db'}"), "seed", list(range(6)))
-    assert owners(complete) == {p.pid for p in procs}
-    assert all("6 completed" in out for out in outs)
+    complete = assert_grid_done_once(load(storage), "seed", list(range(12)))
+    ran = per_command(complete)
+    assert set(ran) == {p.pid for p in procs} and min(ran.values()) >= 5, (ran, outs)
+    assert all("12 completed" in out for out in outs)
+    left = list(roster_workers(load(storage)).values())
+    assert len(left) == 2 and all(e["left"] is not None for e in left)  # both left the roster at their end
 
 
 def test_kill_9_mid_trial_then_the_same_command_resumes(small_data, tmp_path):
@@ -192,25 +219,33 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_workers_and_commands_on_postgresql_share_the_grid(small_data, tmp_path, postgres_url):
+def test_three_commands_at_once_on_postgresql_fill_the_queue_once(small_data, tmp_path, postgres_url):
+    """Started together, the three race to create and fill the study: one fills it (under the server's
+    advisory lock), every point is queued and trained exactly once, and each command trains its share."""
     sweep = tmp_path / "sweep"
     cmd = command(
         small_data,
         sweep,
-        "seed=0,1,2,3,4,5,6,7",
-        "sweep.workers=2",
+        "seed=0,1,2,3,4,5,6,7,8",
         f"sweep.storage='{postgres_url}'",  # quoted: '?', '&' and '=' are Hydra syntax
         "sweep.study_name=pg_grid",
+        "sweep.wait_for_workers=3",
+        "sweep.grace_s=120",
     )
     procs = [
         subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
+        for _ in range(3)
     ]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
     study = optuna.load_study(study_name="pg_grid", storage=postgres_url)
-    complete = assert_grid_done_once(study, "seed", list(range(8)))
-    assert len(owners(complete)) >= 3  # two commands x two workers, all on one server
+    grid_points = [
+        t.user_attrs["grid_point"] for t in study.get_trials() if "failed_trial" not in t.system_attrs
+    ]
+    assert sorted(grid_points) == list(range(9))  # no point enqueued twice
+    complete = assert_grid_done_once(study, "seed", list(range(9)))
+    assert set(per_command(complete)) == {p.pid for p in procs}, outs  # every command trained a share
+    assert sum("queued 9 trials" in out for out in outs) == 1
     assert not (sweep / "study.db").exists()
 
 

@@ -32,7 +32,6 @@ from sae_sweep.sweep.queue import (
     enqueue_missing,
     pending,
     recover,
-    wait_until_ready,
 )
 from sae_sweep.sweep.summary import counts, format_table, trials_frame, write_csv
 from sae_sweep.sweep.worker import Worker, WorkerSpec, quiet_optuna, say, spec_json
@@ -58,7 +57,7 @@ def prepare_study(plan: SweepPlan) -> tuple[optuna.Study, BaseStorage]:
     raw = plan.store.open()
     sampler = make_sampler(plan)
     identity = _normalised(plan.identity())
-    with plan.store.lock():  # SQLite: two commands creating the same study at once would race
+    with plan.store.fill_lock():  # commands started at once: one creates and fills, the others then see it
         try:
             study = optuna.create_study(
                 storage=raw,
@@ -69,8 +68,6 @@ def prepare_study(plan: SweepPlan) -> tuple[optuna.Study, BaseStorage]:
             study.set_user_attr(IDENTITY_ATTR, identity)
         except DuplicatedStudyError:
             study = optuna.load_study(study_name=plan.study_name, storage=raw, sampler=sampler)
-            if not study.user_attrs.get(READY_ATTR) and plan.store.kind == "server":
-                wait_until_ready(study)  # its creator (another machine) is filling the queue
             stored = study.user_attrs.get(IDENTITY_ATTR)
             if stored is None:
                 study.set_user_attr(IDENTITY_ATTR, identity)

@@ -9,16 +9,15 @@ How many (`sweep.pack`, null = auto): a pack saves a pass over the data, the dat
 init sample) and the per-batch work of reading, shuffling and copying, once per member; it costs memory
 (every member's weights and Adam state stay resident) and, for a search, the sampler learns from a pack
 only once all of it is done, and the median pruner compares with completed trials only. So auto packs up to
-8 grid points or 4 search trials, as many as fit in a quarter of the device's memory, no more than an
-even share of the compatible trials among this command's workers, and (with pruning on) only once the
-pruner has its `sweep.pruner_startup_trials` completed trials. benchmarks/sweep_packing.py measures
-what packing gains.
+8 grid points or 4 search trials, as many as fit in a quarter of the device's memory, no more than the
+worker's share of the unfinished trials among the study's live workers (sweep/roster.py), and (with
+pruning on) only once the pruner has its `sweep.pruner_startup_trials` completed trials.
+benchmarks/sweep_packing.py measures what packing gains.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -113,8 +112,3 @@ class Packer:
         if fit < cap:
             cap, why = fit, f"auto: {fit} fit in a quarter of the memory"
         return cap, why
-
-
-def fair_share(compatible: int, workers: int) -> int:
-    """Members per pack so that `workers` workers split `compatible` trials evenly."""
-    return max(1, math.ceil(compatible / max(1, workers)))

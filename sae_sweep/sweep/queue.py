@@ -10,7 +10,6 @@ directory moves to the new trial number and training continues from its checkpoi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from sae_sweep.sweep import optuna_adapter as oa
 from sae_sweep.sweep.store import HEARTBEAT_ATTR, OWNER_ATTR, StudyStore, running_trials, this_process
 
 GRID_ATTR = "grid_point"  # user attr: index of a grid point
@@ -93,10 +93,11 @@ def claim_many(
         if accept is not None and not accept(t):
             continue
         try:
-            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                store.beat(raw, t._trial_id)
-                study._storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, this_process())
-                taken.append(t._trial_id)
+            tid = oa.trial_id(t)
+            if oa.set_state(study, tid, TrialState.RUNNING):
+                store.beat(raw, tid)
+                oa.set_trial_system_attr(study, tid, OWNER_ATTR, this_process())
+                taken.append(tid)
                 started += is_slot
         except UpdateFinishedTrialError:
             continue
@@ -132,15 +133,15 @@ def retry(study: optuna.Study, t: FrozenTrial) -> None:
 
 def fail_and_retry(study: optuna.Study, t: FrozenTrial, reason: str) -> bool:
     """Mark a running trial interrupted (FAIL) and re-enqueue it; False if another process got there first."""
-    storage = study._storage
+    tid = oa.trial_id(t)
     try:
-        storage.set_trial_user_attr(t._trial_id, STATUS_ATTR, "interrupted")
-        storage.set_trial_user_attr(t._trial_id, REASON_ATTR, reason)
-        if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+        oa.set_trial_user_attr(study, tid, STATUS_ATTR, "interrupted")
+        oa.set_trial_user_attr(study, tid, REASON_ATTR, reason)
+        if not oa.set_state(study, tid, TrialState.FAIL):
             return False
     except UpdateFinishedTrialError:
         return False
-    retry(study, storage.get_trial(t._trial_id))
+    retry(study, oa.get_trial(study, tid))
     return True
 
 
@@ -151,16 +152,6 @@ def recover(study: optuna.Study, store: StudyStore, raw: BaseStorage) -> list[in
         if fail_and_retry(study, t, "its worker stopped (process gone or no heartbeat); resumed by a retry"):
             recovered.append(t.number)
     return recovered
-
-
-def wait_until_ready(study: optuna.Study, timeout_s: float = 60.0) -> bool:
-    """A study created by another command: wait until its creator has filled the queue."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if study.user_attrs.get(READY_ATTR):
-            return True
-        time.sleep(0.5)
-    return bool(study.user_attrs.get(READY_ATTR))
 
 
 def pending(study: optuna.Study, n_trials: int | None) -> tuple[int, int]:

@@ -25,16 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
+import sqlalchemy.pool
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from sae_sweep.errors import ConfigError
+from sae_sweep.sweep import optuna_adapter as oa
 
 OWNER_ATTR = "sae_sweep:owner"
 HEARTBEAT_ATTR = "sae_sweep:heartbeat"
 JOURNAL_SUFFIXES = (".journal", ".log")
+FILL_LOCK_KEY = 0x5AE5_11EE  # the advisory lock id queue fills take on a server database
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,37 @@ class StudyStore:
             finally:
                 fcntl.lockf(fh, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def fill_lock(self) -> Iterator[None]:
+        """Serialise creating and filling a study's queue, on every kind of storage: commands started at
+        once must not enqueue the same points twice. A server database gets an advisory lock (held by a
+        connection of its own, released by the server if this process dies)."""
+        if self.kind != "server":
+            with self.lock():
+                yield
+            return
+        dialect = self.url.split(":", 1)[0].split("+", 1)[0]
+        if dialect not in ("postgresql", "mysql", "mariadb"):
+            yield  # no advisory locks to use: the queue fill relies on the creator finishing first
+            return
+        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                if dialect == "postgresql":
+                    acquire = "SELECT pg_advisory_lock(:key)"
+                    release = "SELECT pg_advisory_unlock(:key)"
+                    params: dict[str, Any] = {"key": FILL_LOCK_KEY}
+                else:
+                    acquire, release = "SELECT GET_LOCK(:key, 600)", "SELECT RELEASE_LOCK(:key)"
+                    params = {"key": f"sae_sweep:{FILL_LOCK_KEY}"}
+                conn.execute(sqlalchemy.text(acquire), params)
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text(release), params)
+        finally:
+            engine.dispose()
+
     def beat(self, storage: BaseStorage, trial_id: int) -> None:
         if isinstance(storage, RDBStorage):
             storage.record_heartbeat(trial_id)
@@ -107,15 +142,17 @@ class StudyStore:
         it died while claiming the trial (no owner recorded, started more than the grace period ago)."""
         now = time.time()
         rdb = isinstance(storage, RDBStorage)
-        silent = set(storage._get_stale_trial_ids(study._study_id)) if rdb else set()
+        silent = oa.stale_trial_ids(storage, study)
         for t in running:
             started = t.datetime_start.timestamp() if t.datetime_start else now
             if rdb:  # Optuna's check skips trials that never beat; a live claimer names itself at once
                 if OWNER_ATTR not in t.system_attrs and now - started > self.grace_s:
-                    silent.add(t._trial_id)
+                    silent.add(oa.trial_id(t))
             elif now - t.system_attrs.get(HEARTBEAT_ATTR, started) > self.grace_s:
-                silent.add(t._trial_id)
-        return [t for t in running if t._trial_id in silent or owner_is_gone(t.system_attrs.get(OWNER_ATTR))]
+                silent.add(oa.trial_id(t))
+        return [
+            t for t in running if oa.trial_id(t) in silent or owner_is_gone(t.system_attrs.get(OWNER_ATTR))
+        ]
 
 
 def resolve_store(storage: str | None, sweep_dir: Path, heartbeat_s: int, grace_s: int) -> StudyStore:
@@ -191,9 +228,11 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.trial_ids}", daemon=True)
 
     def _beat_all(self) -> None:
-        for trial_id in self.trial_ids:
+        for trial_id in list(self.trial_ids):
             try:
                 self.store.beat(self.storage, trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:  # taken over: its new worker beats for it
+                self.trial_ids.remove(trial_id)
             except Exception as err:  # a database hiccup must not kill the trial; the next beat retries
                 print(f"[sweep] heartbeat of trial id {trial_id} failed: {err}", flush=True)
 

@@ -26,9 +26,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sae_sweep import rundir
 from sae_sweep.errors import PackInterrupted, RunStopped, SaeSweepError
+from sae_sweep.sweep import optuna_adapter as oa
 from sae_sweep.sweep.compose import Composer, trial_config
 from sae_sweep.sweep.objectives import objective_values
-from sae_sweep.sweep.packing import Packer, fair_share
+from sae_sweep.sweep.packing import Packer
 from sae_sweep.sweep.plan import SweepPlan, make_plan, make_sampler
 from sae_sweep.sweep.pruning import CURVE_ATTR, MedianPruner
 from sae_sweep.sweep.queue import (
@@ -40,8 +41,9 @@ from sae_sweep.sweep.queue import (
     pending,
     recover,
 )
+from sae_sweep.sweep.roster import Registration, share
 from sae_sweep.sweep.space import Dimension, format_value
-from sae_sweep.sweep.store import Heartbeat
+from sae_sweep.sweep.store import OWNER_ATTR, Heartbeat, this_process
 from sae_sweep.train.loop import Outcome, stream_key
 from sae_sweep.train.pack import train_pack
 
@@ -54,7 +56,7 @@ class WorkerSpec:
     overrides: list[str]  # the sweep command's overrides; the worker rebuilds the plan from them
     cwd: str  # the command's working directory (relative paths in the overrides are relative to it)
     worker_index: int = 0
-    n_workers: int = 1  # workers sharing this machine's cores
+    n_workers: int = 1  # workers this command started on this machine (they share its cores)
     die_with_parent: bool = False  # a local worker stops (checkpointing) when its driver dies
 
 
@@ -70,6 +72,12 @@ def suggest(trial: Trial, dim: Dimension) -> Any:
     return trial.suggest_float(dim.name, dim.low, dim.high, step=dim.step, log=dim.log)
 
 
+class TrialTakenOver(BaseException):
+    """Raised from a trial's log callback when the study no longer has it running for this worker: another
+    worker took it over after this one was not heard from for the grace period (paused, cut off).
+    A BaseException, so the trainer stops the pack without recording it as a failure of the run."""
+
+
 def _json_safe(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
@@ -83,10 +91,13 @@ class Worker:
         raw: BaseStorage,
         label: str = "",
         progress: bool | None = None,
-        n_workers: int = 1,
+        wait_for: int = 1,
     ) -> None:
         self.plan, self.composer, self.study, self.raw = plan, composer, study, raw
-        self.label, self.progress, self.n_workers = label, progress, n_workers
+        self.label, self.progress = label, progress
+        # workers to wait for before the first claim: this command's own, or sweep.wait_for_workers
+        self.wait_for = max(wait_for, int(getattr(plan.settings, "wait_for_workers", 1) or 1))
+        self.roster: Registration | None = None
         s = plan.settings
         self.pruner = MedianPruner(s.pruner_startup_trials, s.pruner_warmup_rows) if plan.pruning else None
         self.poll_s = min(5.0, float(s.heartbeat_s))
@@ -96,6 +107,19 @@ class Worker:
 
     def loop(self) -> int:
         """Run trials until none is left to take and none is running elsewhere; returns how many ran here."""
+        with Registration(self.study, self.plan.store) as roster:
+            self.roster = roster
+            if self.wait_for > 1:
+                live = roster.wait_for(self.wait_for)
+                if live < self.wait_for:
+                    say(
+                        self.label,
+                        f"{live} of {self.wait_for} workers joined within sweep.grace_s="
+                        f"{self.plan.store.grace_s} s; starting with {live}",
+                    )
+            return self._loop()
+
+    def _loop(self) -> int:
         ran = 0
         while True:
             with self.plan.store.lock():
@@ -128,7 +152,7 @@ class Worker:
     def _start(self, trial_id: int) -> _Member:
         """Sample (or read) a claimed trial's parameters and compose its config."""
         trial = Trial(self.study, trial_id)
-        system_attrs = self.study._storage.get_trial(trial_id).system_attrs
+        system_attrs = oa.get_trial(self.study, trial_id).system_attrs
         run_dir = self.plan.sweep_dir / "trials" / str(trial.number)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._adopt_previous_attempt(trial, system_attrs, run_dir)
@@ -154,11 +178,13 @@ class Worker:
         def compatible(t: FrozenTrial) -> bool:
             return self.packer.key_of_waiting(t) == key  # type: ignore[union-attr]
 
+        live = self.roster.live() if self.roster is not None else 1
         with self.plan.store.lock():
             trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            budget_left = pending(self.study, self.plan.n_trials)[0]
+            budget_left, running = pending(self.study, self.plan.n_trials)
             takeable = min(sum(1 for t in trials if compatible(t)), budget_left)
-            size = min(limit, fair_share(takeable + 1, self.n_workers))
+            # this worker's share of the unfinished work, counting the trial it holds (running already)
+            size = min(limit, share(takeable + 1, running - 1, live))
             taken = claim_many(
                 self.study, self.plan.store, self.raw, self.plan.n_trials, size - 1, compatible
             )
@@ -186,17 +212,7 @@ class Worker:
             try:
                 self._train(members)
             except KeyboardInterrupt:
-                for m in members:  # members that had ended are recorded; the others resume from checkpoints
-                    if m.outcome is not None:
-                        self._record(m, started)
-                with self.plan.store.lock():
-                    for m in members:
-                        if m.outcome is None:
-                            fail_and_retry(
-                                self.study,
-                                self.study._storage.get_trial(m.trial._trial_id),
-                                "interrupted (Ctrl-C or SIGTERM); resumed by a retry",
-                            )
+                self._end_unfinished(members, started, "interrupted (Ctrl-C or SIGTERM); resumed by a retry")
                 for m in members:
                     if m.outcome is None:
                         say(
@@ -205,9 +221,40 @@ class Worker:
                             "checkpoint",
                         )
                 raise
+            except (TrialTakenOver, Exception) as err:
+                taken = [m for m in members if m.outcome is None and self._taken_over(m)]
+                for m in taken:
+                    m.outcome = err if isinstance(err, Exception) else RuntimeError("taken over")
+                    m.taken_over = True
+                    say(
+                        self.label,
+                        f"trial {m.trial.number}: taken over by another worker while this one was not heard "
+                        f"from for sweep.grace_s={self.plan.store.grace_s} s (paused or cut off); left to it",
+                    )
+                why = f"{type(err).__name__}: {err}" if isinstance(err, Exception) else "its pack was stopped"
+                self._end_unfinished(members, started, f"interrupted ({why}); resumed by a retry")
+                if not taken:  # not a take-over: the worker itself is broken (e.g. its storage): stop
+                    raise
+                return len(members) - len(taken)
             for m in members:
                 self._record(m, started)
         return len(members)
+
+    def _end_unfinished(self, members: list[_Member], started: float, reason: str) -> None:
+        """A pack that stopped early: record the members that had ended; re-enqueue the others, which
+        resume from their checkpoints."""
+        for m in members:
+            if m.outcome is not None and not m.taken_over:
+                self._record(m, started)
+        with self.plan.store.lock():
+            for m in members:
+                if m.outcome is None:
+                    fail_and_retry(self.study, oa.get_trial(self.study, oa.trial_id(m.trial)), reason)
+
+    def _taken_over(self, m: _Member) -> bool:
+        """Whether the study no longer has this member running for this process."""
+        t = oa.get_trial(self.study, oa.trial_id(m.trial))
+        return t.state != TrialState.RUNNING or t.system_attrs.get(OWNER_ATTR) != this_process()
 
     def _on_log(self, m: _Member) -> Callable[[dict[str, float]], None]:
         objectives = self.plan.objectives
@@ -220,7 +267,10 @@ class Worker:
             tokens = float(row["tokens"])
             curve[:] = [c for c in curve if c[0] < tokens]  # rows logged again after a resume replace the old
             curve.append([tokens, *badness])  # type: ignore[list-item]
-            self.study._storage.set_trial_system_attr(trial._trial_id, CURVE_ATTR, curve)
+            try:
+                oa.set_trial_system_attr(self.study, oa.trial_id(trial), CURVE_ATTR, curve)
+            except UpdateFinishedTrialError:
+                raise TrialTakenOver from None
             if len(objectives) == 1:
                 trial.report(objectives[0].reported(row), step=int(tokens))  # type: ignore[arg-type]
             if self.pruner is not None:
@@ -293,6 +343,7 @@ class _Member:
     error: SaeSweepError | None = None  # its config could not be composed
     outcome: Outcome | None = None
     pack_why: str = ""
+    taken_over: bool = False
 
 
 def _judge(
