@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from sae_sweep.errors import PackInterrupted
 from sae_sweep.sweep import driver, worker
+from sae_sweep.sweep import optuna_adapter as oa
 from sae_sweep.sweep.queue import GRID_ATTR
 from sae_sweep.train import train as real_train
 
@@ -238,10 +239,10 @@ def test_a_trial_whose_worker_vanished_elsewhere_is_retried(data_root, sweep_dir
         if death == "heartbeat stopped":  # a worker on another machine took a trial, beat once, vanished
             with plan.store.lock():
                 trial_id = claim(study, plan.store, raw, None)
-            study._storage.set_trial_system_attr(trial_id, OWNER_ATTR, {"machine": "elsewhere", "pid": 1})
+            oa.set_trial_system_attr(study, trial_id, OWNER_ATTR, {"machine": "elsewhere", "pid": 1})
         else:  # killed between taking the trial and recording anything about itself
-            trial_id = study.get_trials()[0]._trial_id
-            study._storage.set_trial_state_values(trial_id, TrialState.RUNNING)
+            trial_id = oa.trial_id(study.get_trials()[0])
+            oa.set_state(study, trial_id, TrialState.RUNNING)
     assert driver.run(command) == 0  # waits out the grace period, then retries the silent trial
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]

@@ -99,7 +99,8 @@ def wait_for_workers(storage: str, study_name: str | None, n: int, procs, timeou
     """Until `n` workers have registered in the study (or a command ended early: it then fails the test)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert all(p.poll() is None for p in procs), "a command ended before the others joined"
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, f"a command ended before the others joined: {ended[0].communicate()[0][-3000:]}"
         try:
             if len(roster_workers(optuna.load_study(study_name=study_name, storage=storage))) >= n:
                 return

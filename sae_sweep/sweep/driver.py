@@ -19,19 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.exceptions import DuplicatedStudyError
 from optuna.storages import BaseStorage
 
 from sae_sweep.errors import ConfigError, SaeSweepError
-from sae_sweep.sweep import saved
+from sae_sweep.sweep import saved, trialdirs
 from sae_sweep.sweep.compose import Composer
-from sae_sweep.sweep.plan import SweepPlan, make_plan, make_sampler
+from sae_sweep.sweep.plan import SweepPlan, check_sweep_dir, difference, make_plan, make_sampler
 from sae_sweep.sweep.queue import (
     IDENTITY_ATTR,
     READY_ATTR,
+    REASON_ATTR,
     enqueue_missing,
     pending,
     recover,
+    retry_failed,
 )
 from sae_sweep.sweep.summary import counts, format_table, trials_frame, write_csv
 from sae_sweep.sweep.worker import Worker, WorkerSpec, quiet_optuna, say, spec_json
@@ -44,20 +47,16 @@ def _normalised(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return f"its {key} was {old.get(key)!r}, now {new.get(key)!r}"
-    return "it differs"
-
-
-def prepare_study(plan: SweepPlan) -> tuple[optuna.Study, BaseStorage]:
+def prepare_study(plan: SweepPlan, composer: Composer | None = None) -> tuple[optuna.Study, BaseStorage]:
     """Create the study (once, before any worker starts) or load it and check it is this sweep's; fill the
-    queue with what is missing and re-enqueue trials whose worker died."""
+    queue with what is missing, re-enqueue trials whose worker died and trials that failed, and (a study
+    created over existing trial directories) reuse the runs found there."""
     raw = plan.store.open()
     sampler = make_sampler(plan)
     identity = _normalised(plan.identity())
+    created = False
     with plan.store.fill_lock():  # commands started at once: one creates and fills, the others then see it
+        trialdirs.check_owner(plan, raw, identity)
         try:
             study = optuna.create_study(
                 storage=raw,
@@ -66,6 +65,7 @@ def prepare_study(plan: SweepPlan) -> tuple[optuna.Study, BaseStorage]:
                 directions=[o.direction for o in plan.objectives],
             )
             study.set_user_attr(IDENTITY_ATTR, identity)
+            created = True
         except DuplicatedStudyError:
             study = optuna.load_study(study_name=plan.study_name, storage=raw, sampler=sampler)
             stored = study.user_attrs.get(IDENTITY_ATTR)
@@ -76,16 +76,34 @@ def prepare_study(plan: SweepPlan) -> tuple[optuna.Study, BaseStorage]:
                     "sweep.study_name",
                     plan.study_name,
                     f"a new name: study '{plan.study_name}' in {plan.store.url} was created by a different "
-                    f"sweep ({_difference(stored, identity)}); pass another sweep.study_name or delete it",
+                    f"sweep ({difference(stored, identity)}); pass another sweep.study_name or delete it",
                 ) from None
         grid = plan.space.grid() if plan.sampler == "grid" else None
         added = enqueue_missing(study, grid, plan.n_trials or 0)
         study.set_user_attr(READY_ATTR, True)
+        reused = aside = 0
+        if created and composer is not None:
+            reused, aside = trialdirs.adopt_runs(plan, composer, study)
+        trialdirs.write_marker(plan)
         recovered = recover(study, plan.store, raw)
+        retried = retry_failed(study)
     if added:
         say("", f"queued {added} trials")
+    if reused or aside:
+        say(
+            "",
+            f"new study over existing trial directories: {reused} runs reused"
+            + (
+                f", {aside} that are no trial of this sweep moved to {plan.sweep_dir / trialdirs.SET_ASIDE}"
+                if aside
+                else ""
+            ),
+        )
     for number in recovered:
         say("", f"trial {number}: its worker stopped; re-enqueued to resume from its checkpoint")
+    for t in retried:
+        why = t.user_attrs.get(REASON_ATTR, "no reason recorded")
+        say("", f"trial {t.number} failed before ({why}); retried in case its cause is gone")
     return study, raw
 
 
@@ -172,8 +190,57 @@ def full_report(plan: SweepPlan) -> Path | None:
         return None
 
 
+def _read_only(plan: SweepPlan) -> bool:
+    return plan.sweep_dir.is_dir() and not os.access(plan.sweep_dir, os.W_OK | os.X_OK)
+
+
+def _show_read_only(plan: SweepPlan) -> int:
+    """A sweep directory this user cannot write: show a finished sweep's table, refuse to run one."""
+    if plan.store.kind == "sqlite":
+        from sae_sweep.report.collect import open_storage
+
+        raw = open_storage(plan.store.url)  # read-only: no journal or lock file to create
+    else:
+        raw = plan.store.open()
+    try:
+        study = optuna.load_study(study_name=plan.study_name, storage=raw)
+    except KeyError:
+        raise ConfigError(
+            "hydra.sweep.dir", str(plan.sweep_dir), "a directory this user can write in: it is read-only"
+        ) from None
+    takeable, running = pending(study, plan.n_trials)
+    if takeable or running:
+        raise ConfigError(
+            "hydra.sweep.dir",
+            str(plan.sweep_dir),
+            f"a directory this user can write in: it is read-only and its sweep has {takeable + running} "
+            "trials left to run",
+        )
+    _print_summary(plan, study, f"not written ({plan.sweep_dir} is read-only)")
+    return 0
+
+
+def _print_summary(plan: SweepPlan, study: optuna.Study, report: object) -> None:
+    frame = trials_frame(study)
+    print(format_table(frame, [o.metric for o in plan.objectives]))
+    print(f"{counts(study)}; * = Pareto front of {', '.join(str(o) for o in plan.objectives)}")
+    print(f"sweep directory: {plan.sweep_dir}")
+    print(f"report: {report}")
+
+
+def _error_line(err: BaseException, plan: SweepPlan | None) -> str:
+    """One line for a filesystem or storage error that stopped the command."""
+    if isinstance(err, OSError):
+        where = f"'{err.filename}'" if err.filename else "a file"
+        return f"{where}: {err.strerror or err}"
+    where = plan.store.url if plan is not None else "the study storage"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"study storage '{where}': {first}"
+
+
 def run(overrides: list[str]) -> int:
     quiet_optuna()
+    plan: SweepPlan | None = None
     try:
         overrides = saved.expand(overrides)  # sweeps/NAME.yaml definitions -> their overrides
         with Composer() as composer:
@@ -182,7 +249,10 @@ def run(overrides: list[str]) -> int:
                 say("", f"ignoring {ignored}: a sweep reads hydra.sweep.dir only")
             say("", f"study {plan.study_name}: {plan.describe()}")
             say("", f"sweep directory {plan.sweep_dir} (storage {plan.store.url})")
-            study, raw = prepare_study(plan)
+            if _read_only(plan):
+                return _show_read_only(plan)
+            check_sweep_dir(plan.sweep_dir)
+            study, raw = prepare_study(plan, composer)
             takeable, running = pending(study, plan.n_trials)
             status, finished = 0, True
             if takeable == 0 and running == 0:
@@ -192,12 +262,12 @@ def run(overrides: list[str]) -> int:
     except SaeSweepError as err:
         print(f"sae_sweep: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as err:
+        print(f"sae_sweep: error: {_error_line(err, plan)}", file=sys.stderr)
+        return 2
     frame = trials_frame(study)
     report = (plan.settings.report and full_report(plan)) or write_csv(frame, plan.sweep_dir / "report")
-    print(format_table(frame, [o.metric for o in plan.objectives]))
-    print(f"{counts(study)}; * = Pareto front of {', '.join(str(o) for o in plan.objectives)}")
-    print(f"sweep directory: {plan.sweep_dir}")
-    print(f"report: {report}")
+    _print_summary(plan, study, report)
     if status == 130:
         print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
     elif not finished:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from omegaconf import OmegaConf
 
 from sae_sweep.config import validate_sweep
 from sae_sweep.errors import ConfigError
@@ -57,6 +59,14 @@ class SweepPlan:
         return f"{what} over {dims}; objectives {objectives}"
 
 
+def difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The first key two sweep identities differ in, for messages."""
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"its {key} was {old.get(key)!r}, now {new.get(key)!r}"
+    return "it differs"
+
+
 def _identity(space: SearchSpace, sampler: str, objectives: list[Objective]) -> dict[str, Any]:
     return {**space.identity(), "sampler": sampler, "objectives": [str(o) for o in objectives]}
 
@@ -74,6 +84,7 @@ def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> S
     space = parse_space(overrides, composer.group_options)
     points = list(space.probe_points()) if check else [next(space.probe_points())]
     base = None
+    data_seen: set[str] = set()
     for point in points:
         cfg = composer.compose(space.overrides(point))
         if base is None:
@@ -81,6 +92,10 @@ def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> S
             validate_sweep(cfg.sweep)
         if check:
             check_config(cfg)
+            data_key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
+            if data_key not in data_seen:  # each data set once, before any study or trial exists
+                data_seen.add(data_key)
+                check_data(cfg.data)
     assert base is not None
     settings = sweep_settings(base)
     sampler = settings.sampler
@@ -98,6 +113,8 @@ def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> S
     sweep_dir = Path(space.sweep_dir or Path("outputs") / study_name).absolute()
     if space.sweep_dir is None and study_name in RESERVED_DIRS:
         raise ConfigError("sweep.study_name", study_name, f"a name other than {' or '.join(RESERVED_DIRS)}")
+    if check:
+        check_dir(sweep_dir, "hydra.sweep.dir", readable_only=True)
     store = resolve_store(settings.storage, sweep_dir, settings.heartbeat_s, settings.grace_s)
     if settings.launcher == "slurm" and not store.shareable_across_machines:
         raise ConfigError(
@@ -120,6 +137,54 @@ def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> S
         pruning=pruning,
         data_kind=base.data.kind,
     )
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_dir(path: Path, key: str, readable_only: bool = False) -> None:
+    """`path` is (or can be created as) a directory this process can write in; ConfigError naming the
+    file in the way or the read-only folder. `readable_only`: an existing directory need not be writable
+    (a finished sweep's table can be shown from a read-only one)."""
+    found = _first_existing(path)
+    if not found.is_dir():
+        where = "is a file" if found == path else f"is under {found}, which is a file"
+        raise ConfigError(key, str(path), f"a directory: {path} {where}")
+    if found == path and readable_only:
+        return
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise ConfigError(key, str(path), f"a directory this user can write in: {found} is read-only")
+
+
+def check_data(data_cfg: Any) -> None:
+    """Open a trial's data once up front (shards: every header, dtype and shape; synthetic: its cache
+    folder), so bad data is one line before the study exists rather than a failure in every trial."""
+    if data_cfg.kind == "shards":
+        from sae_sweep.data import open_dataset
+
+        open_dataset(data_cfg, progress=False)
+    elif data_cfg.kind == "synthetic":
+        check_dir(Path(data_cfg.path or "outputs/data").absolute(), "data.path")
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """The sweep directory's trials/ and trials/N are folders (a file there would fail every trial)."""
+    trials = sweep_dir / "trials"
+    if trials.exists() and not trials.is_dir():
+        raise ConfigError(
+            "hydra.sweep.dir", str(sweep_dir), f"a sweep directory: {trials} is a file, not a folder"
+        )
+    if trials.is_dir():
+        for child in sorted(trials.iterdir()):
+            if child.name.isdigit() and not child.is_dir():
+                raise ConfigError(
+                    "hydra.sweep.dir",
+                    str(sweep_dir),
+                    f"a sweep directory: {child} is a file where a trial folder goes; move it away",
+                )
 
 
 def make_sampler(plan: SweepPlan, worker_index: int = 0) -> optuna.samplers.BaseSampler:

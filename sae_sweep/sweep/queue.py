@@ -131,6 +131,24 @@ def retry(study: optuna.Study, t: FrozenTrial) -> None:
     )
 
 
+def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
+    """Re-enqueue every failed trial (status `failed`: an error, not a divergence) that no later trial
+    retries yet, so a re-run of the command tries again once the cause (data, disk, environment) is
+    gone; returns the trials retried. Call under the fill lock."""
+    trials = study.get_trials(deepcopy=False)
+    superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    failed = [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.user_attrs.get(STATUS_ATTR, "failed") == "failed"
+        and t.number not in superseded
+    ]
+    for t in failed:
+        retry(study, t)
+    return failed
+
+
 def fail_and_retry(study: optuna.Study, t: FrozenTrial, reason: str) -> bool:
     """Mark a running trial interrupted (FAIL) and re-enqueue it; False if another process got there first."""
     tid = oa.trial_id(t)

@@ -32,13 +32,25 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from sae_sweep.errors import ConfigError
+from sae_sweep.errors import ConfigError, SaeSweepError
 from sae_sweep.sweep import optuna_adapter as oa
 
 OWNER_ATTR = "sae_sweep:owner"
 HEARTBEAT_ATTR = "sae_sweep:heartbeat"
 JOURNAL_SUFFIXES = (".journal", ".log")
 FILL_LOCK_KEY = 0x5AE5_11EE  # the advisory lock id queue fills take on a server database
+
+
+class StorageError(SaeSweepError):
+    """The study storage exists but cannot be used."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"study storage '{where}' {problem}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -57,12 +69,24 @@ class StudyStore:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if self.kind == "journal":
                 Path(self.url).parent.mkdir(parents=True, exist_ok=True)
-                return JournalStorage(JournalFileBackend(self.url))
+                try:
+                    return JournalStorage(JournalFileBackend(self.url))
+                except Exception as err:  # a damaged journal fails while Optuna replays it
+                    raise StorageError(
+                        self.url, f"is not a readable Optuna journal ({_first_line(err)})"
+                    ) from None
             if self.kind == "sqlite":
                 # Workers of one machine write the same file: wait for its lock rather than fail. The
                 # tables are created on first open, which two processes must not do at once.
                 with self.lock():
-                    return self._rdb({"connect_args": {"timeout": 120}})
+                    try:
+                        return self._rdb({"connect_args": {"timeout": 120}})
+                    except sqlalchemy.exc.SQLAlchemyError as err:
+                        raise StorageError(
+                            self.url.removeprefix("sqlite:///"),
+                            f"is not a usable SQLite study database ({_first_line(err)}); move it away and "
+                            "re-run: the runs in trials/ are reused",
+                        ) from None
             for attempt in range(3):  # two machines creating the tables at once: one fails, then sees them
                 try:
                     return self._rdb({"pool_pre_ping": True})

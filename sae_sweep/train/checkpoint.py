@@ -1,7 +1,13 @@
-"""Checkpoints: everything needed to continue a run bit-for-bit where it stopped (rundir.CHECKPOINT)."""
+"""Checkpoints: everything needed to continue a run bit-for-bit where it stopped (rundir.CHECKPOINT).
+
+A checkpoint that cannot be read (truncated, overwritten, from a foreign program) is set aside as
+`checkpoint.pt.corrupt` (then `.corrupt.1`, ...) with a warning naming both files, and the run starts over:
+one bad file must not wedge a run or a sweep that re-runs it.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,17 +15,47 @@ import torch
 
 from sae_sweep import rundir
 
+log = logging.getLogger("sae_sweep")
+
+# What a checkpoint holds (Trainer.checkpoint writes them; Trainer._restore reads them).
+KEYS = ("config", "model", "optimizer", "dead", "state", "scale_factor", "raw_mean_norm")
+
 
 def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Atomic and durable: a kill or power cut mid-write never leaves a torn checkpoint."""
     rundir.write_torch(run_dir / rundir.CHECKPOINT, state)
 
 
+def _set_aside(path: Path) -> Path:
+    target = path.with_name(path.name + ".corrupt")
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt.{n}")
+    path.rename(target)
+    return target
+
+
 def read_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The run's checkpoint, or None when there is none to resume from (none, or unreadable: set aside)."""
     path = run_dir / rundir.CHECKPOINT
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a checkpoint")
+        missing = [k for k in KEYS if k not in state]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ValueError, ...
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        aside = _set_aside(path)
+        log.warning(
+            "checkpoint %s is unreadable (%s); set aside as %s, the run starts over", path, why, aside
+        )
+        return None
+    return state
 
 
 def remove_checkpoint(run_dir: Path) -> None:
