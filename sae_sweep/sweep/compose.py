@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,50 @@ class Composer:
         return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
+_MISSING_OPTION = re.compile(r"Could not find '([^']+)/([^']+)'")
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
+
+
+def _known_keys(dotted: str) -> tuple[str, list[str]]:
+    """(the node holding `dotted`, the keys that node has) in the default config."""
+    cfg = compose(config_name="config", overrides=[])
+    *parents, _ = dotted.split(".")
+    node: Any = cfg
+    for part in parents:
+        if not isinstance(node, DictConfig) or part not in node:
+            return ".".join(parents), []
+        node = node[part]
+    keys = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    return ".".join(parents), [k for k in keys if not (not parents and k == "hydra")]
+
+
 def _compose_error(overrides: list[str], err: HydraException) -> ConfigError:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    message = "; ".join(lines[:3])
+    """Hydra's several-line message as our one line: the key or group, the value, every allowed one."""
+    text = str(err)
+    value_of = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[-1] for o in overrides}
+    missing = _MISSING_OPTION.search(text)
+    if missing:
+        group, option = missing.groups()
+        options = GlobalHydra.instance().config_loader().get_group_options(group)
+        return ConfigError(group, option, "one of " + ", ".join(options))
+    unknown = _UNKNOWN_KEY.search(text)
+    if unknown:
+        key = unknown.group(1)
+        parent, keys = _known_keys(key)
+        where = f"keys of {parent}" if parent else "top-level keys"
+        return ConfigError(key, value_of.get(key), f"a known key ({where}: {', '.join(keys)})")
+    cause = err.__cause__ or err.__context__
+    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
     for override in overrides:  # name the override Hydra complains about, if it says which
         key = override.split("=", 1)[0].lstrip("+~")
-        if f"'{key}'" in message or f"'{key.split('.')[0]}'" in message:
+        if override in text or f"'{key}'" in text:
             return ConfigError(
-                key, override.split("=", 1)[-1], f"a key and value Hydra can compose ({message})"
+                key, value_of.get(key), f"a value of the key's type ({detail or text.strip()})"
             )
-    return ConfigError("override", " ".join(overrides), f"overrides Hydra can compose ({message})")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return ConfigError(
+        "override", " ".join(overrides), f"overrides Hydra can compose ({'; '.join(lines[:3])})"
+    )
 
 
 def trial_config(cfg: DictConfig, out_dir: Path | str, progress: bool | None = None) -> DictConfig:
@@ -70,3 +105,21 @@ def trial_config(cfg: DictConfig, out_dir: Path | str, progress: bool | None = N
 def sweep_settings(cfg: DictConfig) -> Any:
     """The `sweep` node as a plain object (SweepConfig fields)."""
     return OmegaConf.to_object(cfg.sweep)
+
+
+# Hydra flags that point composition elsewhere: the check below would compose the wrong config.
+_OWN_CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """A single run's command line: None if its overrides compose, else our one-line error (Hydra's own
+    is several lines and lists none of the allowed keys)."""
+    if any(a.split("=", 1)[0] in _OWN_CONFIG_FLAGS for a in argv):
+        return None
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") and not a.startswith("hydra.")]
+    try:
+        with Composer() as composer:
+            composer.compose(overrides)
+    except ConfigError as err:
+        return f"sae_sweep: error: {err}"
+    return None
