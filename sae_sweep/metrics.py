@@ -214,12 +214,18 @@ def match_features(true_features_ND: Tensor, W_dec_HD: Tensor) -> tuple[Tensor, 
     )
 
 
+def mcc_of_matches(abs_cos: Tensor, n_true: int) -> float:
+    """Mean |cos| of the matched pairs over all `n_true` true features: a feature left unmatched (an SAE
+    narrower than the truth) counts 0, so a narrow SAE cannot score above a full-width one."""
+    return abs_cos.double().sum().item() / max(1, n_true)
+
+
 def mcc(true_features_ND: Tensor, W_dec_HD: Tensor) -> float:
-    """Mean |cos| over the Hungarian-matched pairs: over all N true features when H >= N, over the H
-    matched ones when the SAE is narrower. nan when the decoder is not finite (a diverged run)."""
+    """Mean over all N true features of the |cos| to its Hungarian-matched decoder row (0 for the
+    features an SAE with H < N leaves unmatched). nan when the decoder is not finite (a diverged run)."""
     if not bool(torch.isfinite(W_dec_HD).all()):
         return float("nan")
-    return match_features(true_features_ND, W_dec_HD)[2].double().mean().item()
+    return mcc_of_matches(match_features(true_features_ND, W_dec_HD)[2], true_features_ND.shape[0])
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:

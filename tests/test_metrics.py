@@ -237,12 +237,14 @@ def test_hungarian_beats_greedy():
     assert match_features(truth, W_dec)[1].tolist() == [1, 0]
 
 
-def test_mcc_narrow_sae_averages_over_matched_pairs():
+def test_mcc_of_a_narrow_sae_counts_its_unmatched_features_as_zero():
     truth = torch.eye(3)
     W_dec = _t([[2, 0, 0], [0, 0, -1]])
     true_idx, latent_idx, _ = match_features(truth, W_dec)
     assert true_idx.tolist() == [0, 2] and latent_idx.tolist() == [0, 1]
-    assert mcc(truth, W_dec) == pytest.approx(1.0)
+    assert mcc(truth, W_dec) == pytest.approx(2 / 3)  # two perfect matches, one feature unmatched
+    wide = torch.cat([torch.eye(3), torch.zeros(2, 3)])
+    assert mcc(truth, wide) == pytest.approx(1.0) > mcc(truth, W_dec)
 
 
 def test_mcc_is_nan_for_diverged_decoder():
