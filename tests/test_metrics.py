@@ -244,7 +244,7 @@ def test_mcc_of_a_narrow_sae_counts_its_unmatched_features_as_zero():
     assert true_idx.tolist() == [0, 2] and latent_idx.tolist() == [0, 1]
     assert mcc(truth, W_dec) == pytest.approx(2 / 3)  # two perfect matches, one feature unmatched
     wide = torch.cat([torch.eye(3), torch.zeros(2, 3)])
-    assert mcc(truth, wide) == pytest.approx(1.0) > mcc(truth, W_dec)
+    assert mcc(truth, wide) == pytest.approx(1.0) and mcc(truth, wide) > mcc(truth, W_dec)
 
 
 def test_mcc_is_nan_for_diverged_decoder():
