@@ -214,3 +214,31 @@ def test_a_deleted_study_is_rebuilt_from_the_trial_directories(data_root, sweep_
     assert sorted(now.values()) == sorted(finished.values())  # the same runs, none trained again
     df = collect(sweep_dir, progress=False)
     assert len(df) == 12 and df["status"].eq("completed").all()
+
+
+# --- results that are no result ---------------------------------------------------------------------
+def test_an_fvu_of_one_or_more_is_collapsed_and_never_on_the_front(data_root, sweep_dir, capsys):
+    args = small_args(data_root, sweep_dir, **{"model": "topk", "model.k": 4})
+    assert driver.run(["lr=1e-3,10", *args]) == 0
+    trials = {t.params["lr"]: t for t in load(sweep_dir).get_trials()}
+    wild = trials[10]
+    assert wild.state == TrialState.PRUNED and wild.user_attrs["status"] == "collapsed"
+    assert "fvu" in wild.user_attrs["reason"] and wild.user_attrs["fvu"] >= 1
+    metrics = json.loads((Path(wild.user_attrs["run_dir"]) / rundir.METRICS).read_text())
+    assert metrics["status"] == "collapsed"
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "collapsed" in line}
+    assert rows and all(not key.startswith("*") for key in rows)  # not starred in the table
+    df = collect(sweep_dir, progress=False)
+    assert not df.loc[df["status"].eq("collapsed"), "pareto"].any()
+    assert df.loc[df["status"].eq("completed"), "pareto"].all()
+
+
+def test_a_single_run_whose_fvu_is_one_or_more_stops_as_collapsed(make_cfg):
+    from sae_sweep.errors import RunStopped, TrainingCollapsed
+
+    cfg = make_cfg(model="topk", k=4, lr=10.0, hidden_dim=64, tokens=30_000)
+    with pytest.raises(TrainingCollapsed, match="fvu"):
+        real_train(cfg)
+    assert json.loads((Path(cfg.out_dir) / rundir.METRICS).read_text())["status"] == "collapsed"
+    with pytest.raises(RunStopped, match="collapsed"):  # the same command again: same verdict, no retraining
+        real_train(cfg)

@@ -360,6 +360,9 @@ def _judge(
         why = f"{type(outcome).__name__}: {outcome}"
         return TrialState.FAIL, None, "failed", why, _read_metrics(m.run_dir)
     assert outcome is not None
+    if outcome.get("status") in STOPPED_STATES:  # evaluated, but not a result (e.g. FVU >= 1: collapsed)
+        status = str(outcome["status"])
+        return STOPPED_STATES[status], None, status, str(outcome.get("reason", "")), outcome
     values, why = objective_values(objectives, outcome)
     if values is None:
         return TrialState.FAIL, None, "failed", why, outcome

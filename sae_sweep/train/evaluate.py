@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sae_sweep.data.shards import ActivationDataset
-from sae_sweep.metrics import EvalAccumulator, F1Accumulator, match_features
+from sae_sweep.metrics import EvalAccumulator, F1Accumulator, match_features, mcc_of_matches
 from sae_sweep.models import SAE
 
 
@@ -50,7 +50,7 @@ def evaluate_sae(
     metrics: dict[str, float] = {}
     if truth is not None:
         true_idx, latent_idx, abs_cos = match_features(truth.features, sae.W_dec.detach().float().cpu())
-        metrics["mcc"] = float(abs_cos.mean())
+        metrics["mcc"] = mcc_of_matches(abs_cos, truth.features.shape[0])  # unmatched features count 0
         f1_acc = F1Accumulator(true_idx.to(device), latent_idx.to(device))
     dec_norms = sae.dec_norms().float()
     for item in dataset.test_batches(batch_size, max_tokens, with_truth=truth is not None):

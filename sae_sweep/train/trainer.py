@@ -43,6 +43,8 @@ log = logging.getLogger("sae_sweep")
 OnLog = Callable[[dict[str, float]], None]
 # A run whose mean L0 stays below this after the sparsity warm-up has collapsed (< 1 firing per 100 tokens).
 COLLAPSED_L0 = 0.01
+# A run whose held-out FVU is at least this explains nothing (the mean does as well): recorded collapsed.
+COLLAPSED_FVU = 1.0
 
 
 def check_config(cfg: Config | DictConfig) -> None:
@@ -340,6 +342,13 @@ class Trainer:
     def finish(self) -> Metrics:
         """Evaluate the finished run, write its outputs, drop its checkpoint; returns its metrics."""
         metrics = self.final_metrics(self.evaluate())
+        fvu = metrics.get("fvu")
+        if isinstance(fvu, float) and math.isfinite(fvu) and fvu >= COLLAPSED_FVU:
+            metrics["status"] = "collapsed"  # it trained to the end but explains nothing: not a result
+            metrics["reason"] = (
+                f"held-out fvu {fvu:.3g} >= {COLLAPSED_FVU:g}: it reconstructs no better than the mean "
+                f"(lr={self.lr:g}; try a lower one)"
+            )
         if self.cfg.eval.lm.enabled:
             data_path = self.cfg.data.path if self.cfg.data.kind == "shards" else None
             metrics.update(lm_eval_metrics(self.sae, self.cfg.eval.lm, data_path, self.scale_factor))
@@ -381,4 +390,6 @@ def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> Metrics:
     outcome = outcomes[0]
     if isinstance(outcome, BaseException):
         raise outcome
+    if outcome.get("status") == "collapsed":  # evaluated, but FVU >= 1
+        raise TrainingCollapsed(outcome["reason"])
     return outcome
