@@ -172,6 +172,40 @@ def test_kill_9_mid_trial_then_the_same_command_resumes(small_data, tmp_path):
     assert "re-enqueued to resume" in res.stdout and "4 completed" in res.stdout
 
 
+def test_a_paused_worker_whose_trial_was_taken_over_leaves_it_cleanly(small_data, tmp_path):
+    """SIGSTOP a command mid-trial; a second copy takes its trial over once the heartbeat is silent for
+    the grace period; on SIGCONT the first finds its trial gone, says so and ends without a traceback."""
+    sweep = tmp_path / "sweep"
+    storage = f"sqlite:///{sweep / 'study.db'}"
+    cmd = command(
+        small_data, sweep, "seed=0,1", "sweep.pack=1", "train.checkpoint_every_s=0.2", tokens=400_000
+    )
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not list(sweep.glob("trials/*/checkpoint.pt")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[0][-3000:]
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        paused = load(storage).get_trials(states=(TrialState.RUNNING,))
+        assert len(paused) == 1
+        second = subprocess.Popen(
+            cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.time() + 180  # until the second has failed the paused trial and re-enqueued it
+        while load(storage).get_trials()[paused[0].number].state == TrialState.RUNNING:
+            assert time.time() < deadline and second.poll() is None, "the paused trial was not taken over"
+            time.sleep(0.1)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    outs = [p.communicate(timeout=400)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outs
+    assert "Traceback" not in outs[0] and "taken over by another worker" in outs[0], outs[0]
+    complete = assert_grid_done_once(load(storage), "seed", [0, 1])
+    retry = next(t for t in complete if t.system_attrs.get("failed_trial") == paused[0].number)
+    assert retry.system_attrs[OWNER_ATTR]["pid"] == second.pid
+
+
 def _postgres_bin() -> Path | None:
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
