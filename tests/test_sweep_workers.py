@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from sae_sweep.config import DataConfig
 from sae_sweep.data.synthetic import ensure_synthetic
+from sae_sweep.sweep import optuna_adapter as oa
 from sae_sweep.sweep.roster import workers as roster_workers
 from sae_sweep.sweep.store import OWNER_ATTR
 
@@ -308,6 +309,89 @@ def test_slurm_launcher_submits_worker_jobs(small_data, tmp_path):
     assert_grid_done_once(study, "seed", [0, 1, 2, 3])
     logs = list((sweep / "slurm").glob("*_0_log.out"))  # one per job, holding its worker's lines
     assert len(logs) == 2 and sum(p.read_text().count(": completed") for p in logs) == 4
+
+
+def test_slurm_rerun_with_live_jobs_shows_progress_and_submits_nothing(small_data, tmp_path):
+    pytest.importorskip("submitit", reason="submitit is not installed (pip install -e '.[dev]')")
+    sweep = tmp_path / "sweep"
+    journal = tmp_path / "shared" / "study.journal"
+    cmd = command(
+        small_data,
+        sweep,
+        "seed=0,1,2,3",
+        "sweep.launcher=slurm",
+        "sweep.workers=2",
+        "sweep.pack=1",
+        f"sweep.storage={journal}",
+        "sweep.slurm.cluster=local",
+        tokens=100_000,
+    )
+    first = run(cmd, tmp_path)
+    assert "submitted 2 worker jobs" in first.stdout
+    again = run(cmd, tmp_path)  # the jobs are live (or done): no job is submitted for their work
+    assert "submitted" not in again.stdout and "trial" in again.stdout  # the table, with progress
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from sae_sweep.sweep.slurm import JOB_PREFIX
+
+    def study() -> optuna.Study:
+        return optuna.load_study(study_name=None, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+    deadline = time.time() + 400
+    while len(study().get_trials(states=(TrialState.COMPLETE,))) < 4:  # the jobs finish the sweep
+        assert time.time() < deadline, "the jobs did not finish the sweep"
+        time.sleep(0.5)
+    last = run(cmd, tmp_path)
+    assert "submitted" not in last.stdout and "4 completed" in last.stdout
+    assert_grid_done_once(study(), "seed", [0, 1, 2, 3])
+    jobs = [k for k in oa.study_system_attrs(study()) if k.startswith(JOB_PREFIX)]
+    assert len(jobs) == 2 and len(list((sweep / "slurm").glob("*_0_log.out"))) == 2
+
+
+def test_a_failed_slurm_job_is_named_with_its_error_and_the_command_fails(small_data, tmp_path, monkeypatch):
+    """A worker job whose storage does not hold the study (as on a node that sees another disk) fails;
+    the next command names it with its error and exits non-zero, once."""
+    submitit = pytest.importorskip("submitit", reason="submitit is not installed (pip install -e '.[dev]')")
+    from sae_sweep.sweep import driver
+    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.sweep.plan import make_plan
+    from sae_sweep.sweep.slurm import record_jobs
+    from sae_sweep.sweep.worker import WorkerSpec, run_worker
+
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep"
+    journal = tmp_path / "shared" / "study.journal"
+    args = command(
+        small_data,
+        sweep,
+        "seed=0,1",
+        "sweep.launcher=slurm",
+        f"sweep.storage={journal}",
+        "sweep.slurm.cluster=local",
+        "sweep.slurm.wait=true",
+        tokens=30_000,
+    )[4:]
+    with Composer() as composer:
+        study, _ = driver.prepare_study(make_plan(args, composer), composer)
+    folder = tmp_path / "jobs"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="local")
+    elsewhere = [a for a in args if not a.startswith("sweep.storage=")] + [
+        f"sweep.storage={tmp_path / 'other' / 'study.journal'}"
+    ]
+    job = executor.submit(run_worker, WorkerSpec(elsewhere, str(tmp_path)))
+    assert job.exception() is not None
+    record_jobs(study, [job], folder, "local")
+    res = subprocess.run(
+        [sys.executable, "-m", "sae_sweep", "-m", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"worker job {job.job_id} failed: KeyError" in res.stdout, res.stdout
+    assert "2 completed" in res.stdout  # the jobs it submitted ran the sweep
+    res = subprocess.run(
+        [sys.executable, "-m", "sae_sweep", "-m", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "failed:" not in res.stdout, res.stdout  # reported once
 
 
 def test_slurm_job_parameters_follow_the_config():

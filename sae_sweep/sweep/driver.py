@@ -36,6 +36,7 @@ from sae_sweep.sweep.queue import (
     recover,
     retry_failed,
 )
+from sae_sweep.sweep.roster import live_workers
 from sae_sweep.sweep.summary import counts, format_table, trials_frame, write_csv
 from sae_sweep.sweep.worker import Worker, WorkerSpec, quiet_optuna, say, spec_json
 
@@ -152,26 +153,53 @@ def _run_local_workers(plan: SweepPlan, composer: Composer, study: optuna.Study,
     return 1 if failed else 0
 
 
+def _launch_jobs(plan: SweepPlan, study: optuna.Study) -> tuple[int, bool]:
+    """SLURM: report the sweep's jobs (live ones, failed ones with their error), submit jobs only for
+    waiting work no live worker will take, and wait for them if asked; (exit status, whether done here)."""
+    from sae_sweep.sweep.slurm import job_states, record_jobs, submit_workers
+
+    s = plan.settings
+    live, failed = job_states(study, plan.store.grace_s)
+    for job_id, error in failed:
+        say("", f"worker job {job_id} failed: {error}")
+    takeable, running = pending(study, plan.n_trials)
+    others = len(live_workers(study, plan.store.grace_s))  # workers of any kind: jobs, copies, machines
+    busy = max(others, len(live))
+    n = max(0, min(int(s.workers), takeable) - busy)
+    if live:
+        say(
+            "",
+            f"{len(live)} worker jobs live ({', '.join(live)}): {takeable} trials waiting, {running} running",
+        )
+    jobs = submit_workers(plan, n) if n else []
+    if jobs:
+        folder = Path(s.slurm.log_dir or plan.sweep_dir / "slurm").absolute()
+        record_jobs(study, jobs, folder, s.slurm.cluster)
+        say(
+            "",
+            f"submitted {len(jobs)} worker jobs: {', '.join(str(j.job_id) for j in jobs)} (logs in {folder})",
+        )
+    elif takeable:
+        say("", f"no job submitted: the {busy} live workers take the {takeable} waiting trials")
+    status = 1 if failed else 0
+    if not s.slurm.wait:
+        if jobs or live:
+            say("", "the same command shows progress and the table, and joins the sweep if it is not done")
+        return status, not (jobs or live)
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as err:  # a job that died: named, and the command fails; its trial is retried
+            say("", f"worker job {job.job_id} failed: {str(err).strip().splitlines()[-1]}")
+            status = 1
+    job_states(study, plan.store.grace_s)  # record the verdicts, so a re-run does not report them again
+    return status, True
+
+
 def _launch(plan: SweepPlan, composer: Composer, study: optuna.Study, raw: BaseStorage) -> tuple[int, bool]:
     """Start the workers; returns (exit status, whether the sweep ran to its end here)."""
     if plan.settings.launcher == "slurm":
-        from sae_sweep.sweep.slurm import submit_workers
-
-        jobs = submit_workers(plan)
-        say(
-            "",
-            f"submitted {len(jobs)} worker jobs: {', '.join(str(j.job_id) for j in jobs)} "
-            f"(logs in {jobs[0].paths.folder})",
-        )
-        if not plan.settings.slurm.wait:
-            say("", "the same command shows progress and the table, and joins the sweep if it is not done")
-            return 0, False
-        for job in jobs:
-            try:
-                job.result()
-            except Exception as err:  # a job that died: its trial is recovered by the others or a re-run
-                say("", f"worker job {job.job_id} ended with an error: {str(err).strip().splitlines()[-1]}")
-        return 0, True
+        return _launch_jobs(plan, study)
     return _run_local_workers(plan, composer, study, raw), True
 
 
@@ -255,9 +283,9 @@ def run(overrides: list[str]) -> int:
             study, raw = prepare_study(plan, composer)
             takeable, running = pending(study, plan.n_trials)
             status, finished = 0, True
-            if takeable == 0 and running == 0:
+            if takeable == 0 and running == 0 and plan.settings.launcher != "slurm":
                 say("", "nothing left to run")
-            else:
+            else:  # SLURM: also when nothing is left, to report jobs that failed since the last look
                 status, finished = _launch(plan, composer, study, raw)
     except SaeSweepError as err:
         print(f"sae_sweep: error: {err}", file=sys.stderr)

@@ -65,7 +65,8 @@ class Registration:
 
     def __init__(self, study: optuna.Study, store: StudyStore) -> None:
         self.study, self.store = study, store
-        self.me = {**this_process(), "job": os.environ.get("SLURM_JOB_ID")}
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")  # submitit jobs
+        self.me = {**this_process(), "job": job}
         self.key = _key(self.me)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="roster-heartbeat", daemon=True)
