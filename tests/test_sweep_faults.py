@@ -229,8 +229,8 @@ def test_an_fvu_of_one_or_more_is_collapsed_and_never_on_the_front(data_root, sw
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "collapsed" in line}
     assert rows and all(not key.startswith("*") for key in rows)  # not starred in the table
     df = collect(sweep_dir, progress=False)
-    assert not df.loc[df["status"].eq("collapsed"), "pareto"].any()
-    assert df.loc[df["status"].eq("completed"), "pareto"].all()
+    assert not bool(df.loc[df["status"].eq("collapsed"), "pareto"].any())
+    assert bool(df.loc[df["status"].eq("completed"), "pareto"].all())
 
 
 def test_a_single_run_whose_fvu_is_one_or_more_stops_as_collapsed(make_cfg):

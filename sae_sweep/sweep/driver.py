@@ -22,6 +22,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.exceptions import DuplicatedStudyError
 from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
 
 from sae_sweep.errors import ConfigError, SaeSweepError
 from sae_sweep.sweep import saved, trialdirs
@@ -63,7 +64,7 @@ def prepare_study(plan: SweepPlan, composer: Composer | None = None) -> tuple[op
                 storage=raw,
                 study_name=plan.study_name,
                 sampler=sampler,
-                directions=[o.direction for o in plan.objectives],
+                directions=[StudyDirection(2 if o.direction == "maximize" else 1) for o in plan.objectives],
             )
             study.set_user_attr(IDENTITY_ATTR, identity)
             created = True
