@@ -139,7 +139,30 @@ def test_pareto_mask_matches_brute_force(seed):
     fvu = rng.integers(0, 8, n).astype(float) / 10
     l0[rng.random(n) < 0.1] = np.nan
     fvu[rng.random(n) < 0.1] = np.nan
-    assert pareto_mask(l0, fvu).tolist() == brute_force_pareto(l0.tolist(), fvu.tolist())
+    assert pareto_mask(np.column_stack([l0, fvu])).tolist() == brute_force_pareto(l0.tolist(), fvu.tolist())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pareto_mask_of_three_objectives_with_directions_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 30))
+    values = rng.integers(0, 4, (n, 3)).astype(float)  # many ties
+    directions = ["minimize", "maximize", "minimize"]
+    signed = values * np.array([1, -1, 1])
+
+    def dominates(a, b):
+        return all(a <= b) and any(a < b)
+
+    expected = [not any(dominates(signed[j], signed[i]) for j in range(n)) for i in range(n)]
+    assert pareto_mask(values, directions).tolist() == expected
+
+
+def test_identical_looking_trials_are_treated_alike():
+    """l1_lambda 0, 1e-9 and 1e-5 of the design card's grid: results equal to the digits shown."""
+    values = np.array([[0.41230001, 25.0], [0.41230004, 25.0], [0.4123, 25.00001], [0.5, 30.0]])
+    assert pareto_mask(values, ["minimize", "minimize"]).tolist() == [True, True, True, False]
+    values[0, 0] = 0.40  # now really better: it alone is on the front
+    assert pareto_mask(values, ["minimize", "minimize"]).tolist() == [True, False, False, False]
 
 
 def test_pareto_column_is_the_front_of_completed_trials(frame):

@@ -92,9 +92,10 @@ def test_grid_runs_every_point_exactly_once_and_records_it(data_root, sweep_dir,
         }
     with open(sweep_dir / "report" / "trials.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 6 and {"params_l1_lambda", "params_lr", "state", "fvu", "l0", "run_dir"} <= set(
+    assert len(rows) == 6 and {"l1_lambda", "lr", "state", "status", "pareto", "fvu", "l0", "run_dir"} <= set(
         rows[0]
     )
+    assert (sweep_dir / "report" / "table.md").is_file()  # written with sweep.report=false too
     out = capsys.readouterr().out
     assert "explained_variance" in out and f"report: {sweep_dir / 'report'}" in out
     assert "6 completed" in out
@@ -108,7 +109,9 @@ def test_grid_runs_every_point_exactly_once_and_records_it(data_root, sweep_dir,
     report = Path(out.split("report: ")[-1].strip())
     assert report.is_file() and report.parent == sweep_dir / "report"
     with open(sweep_dir / "report" / "trials.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 6
+        full = list(csv.DictReader(fh))
+    assert len(full) == 6
+    assert list(full[0]) == list(rows[0])  # one trials table: the same columns whatever sweep.report says
 
 
 def test_tpe_budget_is_a_total_across_restarts(data_root, sweep_dir):

@@ -8,7 +8,6 @@ folder of run directories copied by hand, or a sweep that is still running.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm  # not tqdm.auto: it warns on import in notebooks without 
 
 from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
+from sae_sweep.sweep.queue import IDENTITY_ATTR  # where a study records its objectives
 
 # DESIGN section 5, in its order: the held-out metrics of a completed run.
 METRICS = (
@@ -98,38 +98,59 @@ RECORD_KEYS = {
 # --- Pareto front ----------------------------------------------------------------------------------
 
 
-def pareto_mask(l0: Sequence[float], fvu: Sequence[float]) -> np.ndarray:
-    """True where no other point is at least as good on both (lower l0, lower fvu) and better on one.
+# Objectives of a sweep whose study does not say (run directories copied by hand): the default sweep's.
+DEFAULT_OBJECTIVES = (("fvu", "minimize"), ("l0", "minimize"))
+# Objective values within this relative distance of each other count as equal (the 4 significant digits
+# the tables show): trials that look identical are treated alike, on the front together or off it.
+TIE_RTOL = 1e-4
+COLLAPSED_FVU = 1.0  # a run that explains no more variance than the mean is never on a front
 
-    NaN points are never on the front and never dominate. Sorting by l0 makes it O(n log n): a point
-    is on the front iff it has the lowest fvu among its equal-l0 group and beats every lower-l0 point.
+
+def pareto_mask(values: Any, directions: Sequence[str] | None = None) -> np.ndarray:
+    """True for the points no other point dominates, for any number of objectives.
+
+    `values` is [n points, k objectives] (e.g. `np.column_stack([l0, fvu])`); `directions` holds
+    "minimize" or "maximize" per objective (default: all minimised). A point dominates another when it
+    is at least as good on every objective and better on one, where values within TIE_RTOL are ties,
+    so identical-looking points are all on the front or none is. Points with a NaN are never on it and
+    never dominate.
     """
-    l0_a, fvu_a = np.asarray(l0, dtype=float), np.asarray(fvu, dtype=float)
-    mask = np.zeros(len(l0_a), dtype=bool)
-    valid = np.flatnonzero(np.isfinite(l0_a) & np.isfinite(fvu_a))
-    order = valid[np.lexsort((fvu_a[valid], l0_a[valid]))]
-    best_before = math.inf  # lowest fvu among points with strictly lower l0
-    i = 0
-    while i < len(order):
-        j = i
-        while j < len(order) and l0_a[order[j]] == l0_a[order[i]]:
-            j += 1
-        group_best = fvu_a[order[i]]  # sorted by fvu within equal l0
-        if group_best < best_before:
-            group = order[i:j]
-            mask[group[fvu_a[group] == group_best]] = True
-        best_before = min(best_before, group_best)
-        i = j
+    v = np.asarray(values, dtype=float).reshape(len(values), -1)
+    n, k = v.shape
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in (directions or ["minimize"] * k)])
+    lower = v * signs  # every objective now minimised
+    mask = np.zeros(n, dtype=bool)
+    valid = np.flatnonzero(np.isfinite(lower).all(axis=1))
+    if len(valid) == 0:
+        return mask
+    p = lower[valid]
+    tol = TIE_RTOL * np.maximum(np.abs(p[:, None, :]), np.abs(p[None, :, :]))
+    better_eq = p[:, None, :] <= p[None, :, :] + tol  # [i, j, k]: i at least as good as j on k
+    strictly = p[:, None, :] < p[None, :, :] - tol
+    dominates = better_eq.all(axis=2) & strictly.any(axis=2)  # [i, j]: i dominates j
+    mask[valid] = ~dominates.any(axis=0)
     return mask
 
 
 def add_pareto(df: pd.DataFrame) -> pd.DataFrame:
-    """The `pareto` column: on its own sweep's L0-FVU front, among completed trials only."""
+    """The `pareto` column: on its own sweep's front of that sweep's objectives (df.attrs["objectives"],
+    else fvu and l0 minimised), among completed trials whose FVU is below 1."""
     df["pareto"] = False
     done = df["status"].eq(COMPLETED)
-    for _, idx in df[done].groupby("sweep", sort=False).groups.items():
+    if "fvu" in df:
+        done &= ~(pd.to_numeric(df["fvu"], errors="coerce") >= COLLAPSED_FVU)
+    objectives = df.attrs.get("objectives", {})
+    for sweep, idx in df[done].groupby("sweep", sort=False).groups.items():
+        objs = objectives.get(sweep) or DEFAULT_OBJECTIVES
         part = df.loc[idx]
-        df.loc[idx, "pareto"] = pareto_mask(part["l0"], part["fvu"])
+        cols = [m for m, _ in objs]
+        values = np.column_stack(
+            [
+                pd.to_numeric(part[c], errors="coerce") if c in part else np.full(len(part), np.nan)
+                for c in cols
+            ]
+        )
+        df.loc[idx, "pareto"] = pareto_mask(values, [d for _, d in objs])
     df["pareto"] = df["pareto"].astype(bool)
     return df
 
@@ -256,8 +277,9 @@ def load_trials(
     study_name: str | None = None,
     storage: str | Path | None = None,
     config: dict[str, Any] | None = None,
-) -> tuple[str | None, list[Any]]:
-    """(study name, frozen trials) of the sweep's study; (None, []) when there is none to read.
+) -> tuple[str | None, list[Any], list[tuple[str, str]]]:
+    """(study name, frozen trials, objectives as (metric, direction)) of the sweep's study; (None, [], [])
+    when there is none to read.
 
     The storage is `storage` if given, else a storage file in the sweep directory, else the
     `sweep.storage` a trial's config recorded (a shared journal file or a database server). The study
@@ -270,7 +292,7 @@ def load_trials(
     config = config or {}
     spec = storage or find_storage(sweep_dir) or config.get("sweep.storage")
     if not spec:
-        return None, []
+        return None, [], []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         opened = open_storage(spec)
@@ -281,11 +303,15 @@ def load_trials(
         warnings.warn(
             f"cannot read the study storage {spec} ({err}); using the trial directories only", stacklevel=2
         )
-        return None, []
+        return None, [], []
     name = study_name or _pick_study(names, [config.get("sweep.study_name"), sweep_dir.name], str(spec))
     if name is None:
-        return None, []
-    return name, optuna.load_study(study_name=name, storage=opened).get_trials(deepcopy=False)
+        return None, [], []
+    study = optuna.load_study(study_name=name, storage=opened)
+    identity = study.user_attrs.get(IDENTITY_ATTR) or {}
+    pairs = [str(o).split(":", 1) for o in identity.get("objectives", [])]
+    objectives = [(m, d) for m, d in (p for p in pairs if len(p) == 2)]
+    return name, study.get_trials(deepcopy=False), objectives
 
 
 def param_column(name: str) -> str:
@@ -367,8 +393,12 @@ def collect_sweep(
     dirs = trial_numbers(sweep_dir)
     configs = {n: read_config(d) for n, d in dirs.items()}
     first = next((c for c in configs.values() if c), {})
-    study, trials = load_trials(sweep_dir, study_name, storage, first)
+    study, trials, objectives = load_trials(sweep_dir, study_name, storage, first)
     by_number = {t.number: t for t in trials}
+    # an attempt that a later trial continued (interrupted, or failed and retried): its successor
+    retried_by = {
+        t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")
+    }
     rows = []
     numbers = sorted(set(dirs) | set(by_number))
     for number in tqdm(numbers, desc=f"collect {name}", unit="trial", disable=not progress or None):
@@ -383,12 +413,14 @@ def collect_sweep(
             row.update(study_columns(trial))  # Optuna's clock beats file times
             row["study"] = study
             row["status"] = _status(trial, run_dir, row)
+            row["retried_by"] = retried_by.get(number)
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else ["sweep", "trial", "status"])
     if study is not None and trials:
         swept = [param_column(p) for t in trials for p in t.params]
     else:
         swept = _differing_config(df, {k for c in configs.values() for k in c})
+    df.attrs["objectives"] = objectives or list(DEFAULT_OBJECTIVES)
     return df, ordered_params(swept)
 
 
@@ -431,7 +463,7 @@ def column_order(df: pd.DataFrame, swept: list[str]) -> list[str]:
         "raw_mean_norm",
     ]
     head += run + sorted(c for c in df if c.startswith("last_train_"))
-    tail = ["reason", "study", "datetime_start", "run_dir"]
+    tail = ["reason", "retried_by", "study", "datetime_start", "run_dir"]
     seen = list(dict.fromkeys(c for c in head if c in df and c not in tail))
     config = sorted(c for c in df if c not in seen and c not in tail)
     return seen + config + [c for c in tail if c in df]
@@ -456,9 +488,10 @@ def collect(
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no such sweep directory")
-    frames, swept = [], []
+    frames, swept, objectives = [], [], {}
     for d, name in zip(dirs, sweep_names(dirs), strict=True):
         frame, params = collect_sweep(d, name, study_name, storage, progress)
+        objectives[name] = frame.attrs["objectives"]
         frames.append(frame)
         swept += params
     df = (
@@ -470,9 +503,11 @@ def collect(
     for col in METRICS:
         if col not in df:
             df[col] = np.nan
+    df.attrs["objectives"] = objectives
     df = add_pareto(df)
     swept = ordered_params(swept)
     df = df[column_order(df, swept)].reset_index(drop=True)
+    df.attrs["objectives"] = objectives
     df.attrs["swept"] = swept
     df.attrs["sweeps"] = {name: str(d) for d, name in zip(dirs, sweep_names(dirs), strict=True)}
     return df

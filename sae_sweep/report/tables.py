@@ -68,7 +68,10 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (numbers, not strings): status, run count, mean headline metrics of
     its completed runs, and whether any of its runs is on the Pareto front. Sorted by configuration."""
     keys = config_columns(df)
-    df = df[df["status"].ne(INTERRUPTED)]  # its run goes on in the retry trial: not a run of its own
+    continued = df["status"].eq(INTERRUPTED)  # its run goes on in the retry trial: not a run of its own
+    if "retried_by" in df:
+        continued |= df["retried_by"].notna()  # a failed attempt retried by a later trial, likewise
+    df = df[~continued]
     data = df.assign(alive_pct=100 * df["alive_frac"], dead_pct=100 * df["dead_frac"])
     optional = {"mcc"}  # shown only where the data has ground truth
     metrics = [
@@ -141,6 +144,15 @@ def status_counts(df: pd.DataFrame) -> str:
     return ", ".join(f"{n} {s}" for s, n in df["status"].fillna("unknown").value_counts().items())
 
 
+def _objectives_text(df: pd.DataFrame) -> str:
+    """The objectives the Pareto column is of, e.g. "fvu (min), l0 (min)" (per sweep when they differ)."""
+    per_sweep = df.attrs.get("objectives") or {}
+    texts = {", ".join(f"{m} ({d[:3]})" for m, d in objs) for objs in per_sweep.values() if objs} or {
+        "fvu (min), l0 (min)"
+    }
+    return "; ".join(sorted(texts))
+
+
 def markdown_report(df: pd.DataFrame) -> str:
     table = summary_table(df)
     shown = format_table(table)
@@ -155,8 +167,8 @@ def markdown_report(df: pd.DataFrame) -> str:
         "",
         f"Held-out metrics of completed runs (mean over runs when a configuration ran more than once). "
         f"dead % = latents that did not fire in the last {dead_def} training tokens; alive % = 100 - dead %. "
-        f"{PARETO_MARK} = on the L0 / FVU Pareto front (no completed run is sparser and reconstructs "
-        "better)."
+        f"{PARETO_MARK} = on the Pareto front of {_objectives_text(df)} (no completed run is at least as "
+        "good on each and better on one)."
         + (
             f" {MISSING} = no held-out metrics: the run stopped early or never ran (see status)."
             if stopped

@@ -38,7 +38,7 @@ from sae_sweep.sweep.queue import (
     retry_failed,
 )
 from sae_sweep.sweep.roster import live_workers
-from sae_sweep.sweep.summary import counts, format_table, trials_frame, write_csv
+from sae_sweep.sweep.summary import counts, format_table, sweep_frame, write_csv
 from sae_sweep.sweep.worker import Worker, WorkerSpec, quiet_optuna, say, spec_json
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -213,7 +213,11 @@ def full_report(plan: SweepPlan) -> Path | None:
         return None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return Path(write_report(plan.sweep_dir, study_name=plan.study_name, progress=False))
+            return Path(
+                write_report(
+                    plan.sweep_dir, study_name=plan.study_name, progress=False, storage=plan.store.url
+                )
+            )
     except Exception as err:  # the table and trials.csv must not depend on the plots
         say("", f"the full report failed ({type(err).__name__}: {err}); writing report/trials.csv only")
         return None
@@ -245,14 +249,17 @@ def _show_read_only(plan: SweepPlan) -> int:
             f"a directory this user can write in: it is read-only and its sweep has {takeable + running} "
             "trials left to run",
         )
-    _print_summary(plan, study, f"not written ({plan.sweep_dir} is read-only)")
+    _print_summary(
+        plan,
+        sweep_frame(plan.sweep_dir, plan.study_name, plan.store.url),
+        f"not written ({plan.sweep_dir} is read-only)",
+    )
     return 0
 
 
-def _print_summary(plan: SweepPlan, study: optuna.Study, report: object) -> None:
-    frame = trials_frame(study)
+def _print_summary(plan: SweepPlan, frame: Any, report: object) -> None:
     print(format_table(frame, [o.metric for o in plan.objectives]))
-    print(f"{counts(study)}; * = Pareto front of {', '.join(str(o) for o in plan.objectives)}")
+    print(f"{counts(frame)}; * = Pareto front of {', '.join(str(o) for o in plan.objectives)}")
     print(f"sweep directory: {plan.sweep_dir}")
     print(f"report: {report}")
 
@@ -294,9 +301,9 @@ def run(overrides: list[str]) -> int:
     except (OSError, sqlalchemy.exc.SQLAlchemyError) as err:
         print(f"sae_sweep: error: {_error_line(err, plan)}", file=sys.stderr)
         return 2
-    frame = trials_frame(study)
+    frame = sweep_frame(plan.sweep_dir, plan.study_name, plan.store.url)
     report = (plan.settings.report and full_report(plan)) or write_csv(frame, plan.sweep_dir / "report")
-    _print_summary(plan, study, report)
+    _print_summary(plan, frame, report)
     if status == 130:
         print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
     elif not finished:

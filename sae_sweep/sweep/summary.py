@@ -1,4 +1,5 @@
-"""End of a sweep: one row per trial (report/trials.csv) and a compact table for the terminal."""
+"""End of a sweep: the terminal table, from the report's one trials frame (report/collect.py), whose
+report/trials.csv and table.md are written whatever `sweep.report` says (it adds plots and index.html)."""
 
 from __future__ import annotations
 
@@ -6,65 +7,34 @@ import math
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pandas as pd
-from optuna.study import StudyDirection
-from optuna.trial import TrialState
 
-from sae_sweep import rundir
-from sae_sweep.sweep.queue import GRID_ATTR, REASON_ATTR, SLOT_ATTR, STATUS_ATTR
+from sae_sweep.report.collect import collect
+from sae_sweep.report.tables import write_tables
 
 TABLE_METRICS = ("fvu", "l0", "explained_variance", "dead_frac", "mcc")
 MAX_TABLE_ROWS = 40
-_NOT_METRICS = {"run_dir", STATUS_ATTR, REASON_ATTR, GRID_ATTR, SLOT_ATTR}
+INTERRUPTED = "interrupted"
 
 
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, status, reason, params_<key>, duration, metrics, run_dir, pareto."""
-    front = pareto_front(study)
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        duration = (
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            if t.datetime_complete and t.datetime_start
-            else None
-        )
-        row: dict[str, Any] = {
-            "number": t.number,
-            "state": t.state.name,
-            "status": t.user_attrs.get(STATUS_ATTR, ""),
-            "reason": t.user_attrs.get(REASON_ATTR, ""),
-            "pareto": t.number in front,
-            "retry_of": t.system_attrs.get("failed_trial"),
-            "duration_s": duration,
-        }
-        row.update({f"params_{k}": v for k, v in t.params.items()})
-        row.update({k: v for k, v in t.user_attrs.items() if k not in _NOT_METRICS})
-        row["run_dir"] = t.user_attrs.get("run_dir", "")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def pareto_front(study: optuna.Study) -> set[int]:
-    """Numbers of the completed trials no other completed trial dominates (ties all stay on the front)."""
-    signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in study.directions]
-    points = {
-        t.number: [s * v for s, v in zip(signs, t.values, strict=True)]
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    }
-
-    def dominated(a: list[float]) -> bool:
-        return any(all(x <= y for x, y in zip(b, a, strict=True)) and b != a for b in points.values())
-
-    return {n for n, p in points.items() if not dominated(p)}
+def sweep_frame(sweep_dir: Path, study_name: str, storage: str) -> pd.DataFrame:
+    """One row per trial of the sweep (collect's frame: the study plus the trial directories)."""
+    return collect(sweep_dir, study_name=study_name, storage=storage, progress=False)
 
 
 def write_csv(frame: pd.DataFrame, report_dir: Path) -> Path:
-    report_dir.mkdir(parents=True, exist_ok=True)
-    path = report_dir / "trials.csv"
-    # Commands (and machines) sharing a sweep all write its table at their end: each its own temp file.
-    rundir.write_text(path, frame.to_csv(index=False))
-    return path
+    """report/trials.csv and report/table.md of the frame; returns the path of trials.csv."""
+    return write_tables(frame, report_dir)[0]
+
+
+def latest_attempts(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows without the attempts a later trial continued (interrupted, or failed and retried)."""
+    if frame.empty:
+        return frame
+    gone = frame["status"].eq(INTERRUPTED)
+    if "retried_by" in frame:
+        gone |= frame["retried_by"].notna()
+    return frame[~gone]
 
 
 def _fmt(value: Any) -> str:
@@ -76,27 +46,29 @@ def _fmt(value: Any) -> str:
 
 
 def format_table(frame: pd.DataFrame, objectives: list[str]) -> str:
-    """Trials (interrupted attempts left out: their retries carry on), Pareto-optimal ones marked *."""
+    """Trials (attempts continued by a retry left out: their retries carry on), Pareto-optimal ones *."""
     if frame.empty:
         return "(no trials)"
-    shown = frame[frame["status"] != "interrupted"]
+    shown = latest_attempts(frame)
     note = ""
     if len(shown) > MAX_TABLE_ROWS:
         shown = shown[shown["pareto"]]
         note = f"\n({len(frame)} trials; the Pareto front is shown, all are in report/trials.csv)"
-    params = [c for c in frame.columns if c.startswith("params_")]
+    params = [p for p in frame.attrs.get("swept", []) if p in frame.columns]
     metrics = [m for m in dict.fromkeys([*objectives, *TABLE_METRICS]) if m in frame.columns]
-    header = ["trial", *(p.removeprefix("params_") for p in params), "state", *metrics]
+    metrics = [m for m in metrics if frame[m].notna().any() or m in objectives]
+    header = ["trial", *params, "state", *metrics]
     lines = [header]
-    for _, row in shown.iterrows():
-        state = row["status"] or row["state"].lower()
-        mark = "*" if row["pareto"] else " "
+    for row in shown.to_dict("records"):
+        state = row.get("status") or str(row.get("state", "")).lower()
+        mark = "*" if row.get("pareto") else " "
+        done = state == "completed"  # a stopped run's numbers are training-batch ones: not shown
         lines.append(
             [
-                f"{mark}{row['number']}",
-                *(_fmt(row[p]) for p in params),
-                state,
-                *(_fmt(row[m]) for m in metrics),
+                f"{mark}{row['trial']}",
+                *(_fmt(row.get(p)) for p in params),
+                str(state),
+                *(_fmt(row.get(m) if done else None) for m in metrics),
             ]
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -104,18 +76,21 @@ def format_table(frame: pd.DataFrame, objectives: list[str]) -> str:
     return text + note
 
 
-def counts(study: optuna.Study) -> str:
-    trials = study.get_trials(deepcopy=False)
-    by_state = {s: sum(1 for t in trials if t.state == s) for s in TrialState}
-    interrupted = sum(1 for t in trials if t.user_attrs.get(STATUS_ATTR) == "interrupted")
+def counts(frame: pd.DataFrame) -> str:
+    """How many trials are in each state, e.g. "6 completed, 0 pruned, 1 failed, 2 waiting"."""
+    states = frame["state"] if "state" in frame else pd.Series(dtype=object)
+    status = frame["status"] if "status" in frame else pd.Series(dtype=object)
+    continued = status.eq(INTERRUPTED)
+    if "retried_by" in frame:
+        continued |= frame["retried_by"].notna() & states.eq("FAIL")
     parts = [
-        f"{by_state[TrialState.COMPLETE]} completed",
-        f"{by_state[TrialState.PRUNED]} pruned",
-        f"{by_state[TrialState.FAIL] - interrupted} failed",
+        f"{int(states.eq('COMPLETE').sum())} completed",
+        f"{int(states.eq('PRUNED').sum())} pruned",
+        f"{int((states.eq('FAIL') & ~continued).sum())} failed",
     ]
-    if interrupted:
-        parts.append(f"{interrupted} interrupted attempts resumed by retries")
-    for state in (TrialState.RUNNING, TrialState.WAITING):
-        if by_state[state]:
-            parts.append(f"{by_state[state]} {state.name.lower()}")
+    if continued.any():
+        parts.append(f"{int(continued.sum())} interrupted or failed attempts resumed by retries")
+    for state in ("RUNNING", "WAITING"):
+        if states.eq(state).any():
+            parts.append(f"{int(states.eq(state).sum())} {state.lower()}")
     return ", ".join(parts)
