@@ -84,7 +84,9 @@ def test_bad_data_is_one_line_before_the_study_and_the_fixed_data_runs(sweep_dir
     assert not (sweep_dir / "study.db").exists()  # nothing queued
     (folder / name).unlink()  # the cause is gone: the same command runs the sweep
     assert driver.run(command) == 0
-    assert [t.state for t in load(sweep_dir).get_trials()] == [TrialState.COMPLETE] * 2
+    trials = load(sweep_dir).get_trials()  # trained to the end (noise data: they may explain nothing)
+    assert len(trials) == 2 and all(t.user_attrs["status"] in ("completed", "collapsed") for t in trials)
+    assert all(t.user_attrs["tokens"] >= 8192 for t in trials)
 
 
 def test_failed_trials_are_retried_by_the_same_command(data_root, sweep_dir, monkeypatch, capsys):
