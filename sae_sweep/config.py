@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sae_sweep.checks import check_device, field_docs, fraction, one_of, positive
+from sae_sweep.checks import check_device, field_docs, fraction, one_of, positive, resolve_device
 from sae_sweep.errors import ConfigError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -26,6 +26,7 @@ TOPK_FAMILY = ("topk", "batchtopk")
 # Architectures whose loss has a sparsity coefficient (`l1_lambda`): L1 for relu, L0 for jumprelu.
 USES_SPARSITY_COEF = ("relu", "jumprelu")
 DATA_KINDS = ("synthetic", "shards")
+KERNELS = ("auto", "torch", "triton")  # model.kernels (sae_sweep/models/kernels)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -42,7 +43,11 @@ class ModelConfig:
     jump_bandwidth: float = 0.5  # jumprelu: straight-through estimator bandwidth (normalised units)
     jump_threshold_init: float = 0.5  # jumprelu: initial threshold of every latent (normalised units)
     threshold_momentum: float = 0.99  # batchtopk: EMA momentum of the inference threshold
-    sparse_kernels: bool = True  # topk: train through the k active latents only (false = dense reference)
+    # topk/batchtopk: train through the selected latents only (false = the dense reference formulation)
+    sparse_kernels: bool = True
+    # topk/batchtopk sparse path: auto | torch | triton (Triton kernels need CUDA, or TRITON_INTERPRET=1
+    # on CPU); auto = torch until a GPU benchmark records Triton faster (models/kernels)
+    kernels: str = "auto"
 
 
 @dataclass
@@ -260,8 +265,15 @@ def validate(cfg: Config | DictConfig) -> None:
     """Check every value against what is allowed, before any work; raise ConfigError on the first."""
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
     one_of("model", m.name, ARCHITECTURES)
+    one_of("model.kernels", m.kernels, KERNELS)
     one_of("data", d.kind, DATA_KINDS)
     check_device(cfg.device)
+    if m.kernels == "triton":
+        from sae_sweep.models.kernels.choice import kernels_problem
+
+        problem = kernels_problem(m.kernels, resolve_device(cfg.device))
+        if problem is not None:
+            raise ConfigError("model.kernels", m.kernels, problem)
     if o.name != "adam":
         raise ConfigError("optimizer", o.name, "adam")
 

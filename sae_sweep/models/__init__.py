@@ -16,6 +16,7 @@ from sae_sweep.errors import DataError
 from sae_sweep.models.base import SAE, SAEOutput
 from sae_sweep.models.batchtopk import BatchTopKSAE
 from sae_sweep.models.jumprelu import JumpReLUSAE
+from sae_sweep.models.kernels import resolve_kernels
 from sae_sweep.models.relu import ReluSAE
 from sae_sweep.models.topk import TopKSAE
 
@@ -24,8 +25,15 @@ __all__ = ["SAE", "SAEOutput", "build_sae", "save_sae", "load_sae"]
 FORMAT_VERSION = "1"
 
 
-def build_sae(model_cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None = None) -> SAE:
-    """The architecture named by model_cfg.name, initialised as its recipe says (DESIGN section 6)."""
+def build_sae(
+    model_cfg: Any,
+    d_in: int,
+    hidden: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> SAE:
+    """The architecture named by model_cfg.name, initialised as its recipe says (DESIGN section 6);
+    `device` (where it will train) decides what `model.kernels=auto` runs."""
     name = model_cfg.name
     dec_init_norm = model_cfg.dec_init_norm or DEFAULT_DEC_INIT_NORM.get(name, 1.0)
     if name == "relu":
@@ -35,10 +43,16 @@ def build_sae(model_cfg: Any, d_in: int, hidden: int, generator: torch.Generator
             d_in, hidden, dec_init_norm, model_cfg.jump_bandwidth, model_cfg.jump_threshold_init, generator
         )
     topk_args = (d_in, hidden, model_cfg.k, model_cfg.aux_k, model_cfg.aux_k_coef, model_cfg.aux_dead_tokens)
+    sparse = {
+        "sparse_kernels": model_cfg.sparse_kernels,
+        "kernels": resolve_kernels(getattr(model_cfg, "kernels", "auto"), device),
+    }
     if name == "topk":
-        return TopKSAE(*topk_args, generator=generator, sparse_kernels=model_cfg.sparse_kernels)
+        return TopKSAE(*topk_args, generator=generator, **sparse)
     if name == "batchtopk":
-        return BatchTopKSAE(*topk_args, generator=generator, threshold_momentum=model_cfg.threshold_momentum)
+        return BatchTopKSAE(
+            *topk_args, generator=generator, threshold_momentum=model_cfg.threshold_momentum, **sparse
+        )
     raise ValueError(f"unknown architecture {name!r}")
 
 

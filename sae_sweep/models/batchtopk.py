@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_sweep.models.kernels import Code, batch_topk_code
 from sae_sweep.models.topk import TopKSAE
 
 
@@ -30,6 +31,12 @@ class BatchTopKSAE(TopKSAE):
         if self.training:
             self._update_threshold(values)
         return f_BH
+
+    def select_code(self, pre_BH: Tensor) -> Code:
+        code = batch_topk_code(pre_BH, self.k * pre_BH.shape[0])
+        if self.training:
+            self._update_threshold(code.vals)
+        return code
 
     @torch.no_grad()
     def _update_threshold(self, kept_values: Tensor) -> None:

@@ -149,7 +149,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         generator = torch.Generator().manual_seed(cfg.seed)
-        self.sae: SAE = build_sae(cfg.model, self.data.d_in, self.hidden, generator)
+        self.sae: SAE = build_sae(cfg.model, self.data.d_in, self.hidden, generator, self.device)
         self.dead = DeadLatentTracker(self.hidden, cfg.train.dead_window, self.device)
         self.state = RunState()
         self.resumed_from_tokens = 0
