@@ -90,7 +90,8 @@ class Metrics(TypedDict, total=False):
 
 
 # Settings that may change between the interrupted and the resuming command.
-RESUME_IGNORED_KEYS = ("out_dir", "device", "train.progress", "train.checkpoint_every_s")
+# model.kernels: torch and Triton compute the same steps, so a run may resume under the other
+RESUME_IGNORED_KEYS = ("out_dir", "device", "model.kernels", "train.progress", "train.checkpoint_every_s")
 
 
 # --- the one writer ----------------------------------------------------------------------------------
