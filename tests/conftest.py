@@ -1,8 +1,13 @@
 """Shared fixtures: a small ground-truth data set generated once per test session."""
 
+import os
 from pathlib import Path
 
-import pytest
+# The Triton kernels' tests run them on CPU tensors through Triton's interpreter, which must be chosen
+# before triton is first imported (its own library functions are decorated then).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 from omegaconf import OmegaConf
 
 from sae_sweep.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig

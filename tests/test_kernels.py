@@ -1,11 +1,6 @@
 """The sparse TopK-family path: Triton kernels (interpreted on CPU) against the torch ops, the
 variable-per-token BatchTopK selection against a flat top-n, and `model.kernels` validation."""
 
-import os
-
-# Before triton is first imported: its own library functions are decorated (interpreted or not) then.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 import torch.nn.functional as F
