@@ -14,6 +14,7 @@ from sae_sweep.models.kernels import (
     kernels_problem,
     resolve_kernels,
     sparse_decode,
+    sparse_decode_prefixes,
     topk_code,
 )
 
@@ -180,3 +181,25 @@ def test_kernels_triton_on_cpu_without_the_interpreter_is_one_clear_error(monkey
         validate(cfg)
     with pytest.raises(ConfigError, match="one of auto, torch, triton"):
         validate(Config(model=ModelConfig(name="topk", k=4, kernels="cuda"), device="cpu"))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_prefix_decode_matches_dense_nested_reconstructions_with_gradients(kernels, request):
+    if kernels == "triton":
+        request.getfixturevalue("interpret")
+    g = torch.Generator().manual_seed(6)
+    pre = torch.randn(10, 32, generator=g)
+    widths = [2, 8, 32]
+    W = torch.randn(32, 12, generator=g)
+    for code in (topk_code(pre, 6), batch_topk_code(pre, 60)):  # latents unordered, then ordered, per token
+        vals, W_s = code.vals.clone().requires_grad_(), W.clone().requires_grad_()
+        got = sparse_decode_prefixes(code._replace(vals=vals), W_s, widths, kernels)
+        f = torch.zeros(10, 32).index_put((code.rows, code.idx), code.vals, accumulate=True).requires_grad_()
+        W_d = W.clone().requires_grad_()
+        expected = torch.stack([f[:, :m] @ W_d[:m] for m in widths])
+        assert got.shape == (3, 10, 12) and torch.allclose(got, expected, atol=1e-5)
+        weights = torch.randn(3, 10, 12, generator=g)
+        (got * weights).sum().backward()
+        (expected * weights).sum().backward()
+        assert torch.allclose(W_s.grad, W_d.grad, atol=1e-4)
+        assert torch.allclose(vals.grad, f.grad[code.rows, code.idx], atol=1e-4)

@@ -89,6 +89,12 @@ class TopKSAE(SAE):
         """The sparse path's selection (BatchTopK overrides this, as it does `select`)."""
         return topk_code(pre_BH, self.k)
 
+    def sparse_reconstruct(self, x_BD: Tensor, code: Code) -> tuple[Tensor, Tensor]:
+        """(x_hat, extra loss carried in `aux`) from the sparse path's code; Matryoshka adds its inner
+        prefixes' errors here."""
+        x_hat_BD = sparse_decode(code, self.W_dec, self.kernels) + self.b_dec
+        return x_hat_BD, x_BD.new_zeros((), dtype=torch.float32)
+
     def _forward_sparse(self, x_BD: Tensor) -> SAEOutput:
         dead_H = self._dead() if self.aux_k_coef > 0 else None
         # The AuxK pass costs more than the main one (k_aux = d_in/2 >> k); skip it while nothing is
@@ -106,12 +112,11 @@ class TopKSAE(SAE):
             self.subtract_b_dec,
             self.kernels,
         )
-        x_hat_BD = sparse_decode(code, self.W_dec, self.kernels) + self.b_dec
-        aux = x_BD.new_zeros((), dtype=torch.float32)
+        x_hat_BD, aux = self.sparse_reconstruct(x_BD, code)
         if dead_H is not None:
             residual_BD = (x_BD - x_hat_BD).detach()
             residual_hat_BD = sparse_decode(aux_code, self.W_dec, self.kernels)
-            aux = self._aux_scale() * mse_per_token(residual_BD, residual_hat_BD)
+            aux = aux + self._aux_scale() * mse_per_token(residual_BD, residual_hat_BD)
         return SAEOutput(
             x_hat_BD,
             None,

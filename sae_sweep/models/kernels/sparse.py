@@ -203,6 +203,20 @@ def sparse_decode(code: Code, W_dec_HD: Tensor, kernels: str) -> Tensor:
     return F.embedding_bag(code.idx, W_dec_HD, code.bounds[:-1], mode="sum", per_sample_weights=vals)
 
 
+def sparse_decode_prefixes(code: Code, W_dec_HD: Tensor, widths: list[int], kernels: str) -> Tensor:
+    """[G, B, D]: for each nested prefix of widths m_1 < ... < m_G (latents 0..m_g), the reconstruction
+    (no bias) from the entries in it. One decode: each token's entries are split into G bags by the
+    group of their latent, the bags decoded at once, and the groups summed cumulatively."""
+    B, G = code.bounds.numel() - 1, len(widths)
+    group = torch.bucketize(code.idx, torch.tensor(widths, device=code.idx.device), right=True)
+    bag = code.rows * G + group
+    bag, order = bag.sort(stable=True)  # token-major already; grouped within each token now
+    bounds = torch.zeros(B * G + 1, dtype=torch.int64, device=bag.device)
+    torch.cumsum(torch.bincount(bag, minlength=B * G), 0, out=bounds[1:])
+    groups_BGD = sparse_decode(Code(code.vals[order], code.idx[order], bag, bounds), W_dec_HD, kernels)
+    return groups_BGD.view(B, G, -1).cumsum(1).transpose(0, 1)
+
+
 def fired(code: Code, hidden: int) -> Tensor:
     """bool [H]: latents active in at least one entry. A count, not a boolean-mask assignment: no host
     sync on CUDA."""
