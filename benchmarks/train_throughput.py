@@ -75,7 +75,7 @@ def in_loop_tokens_s(arch: str, batch: int, d_in: int, hidden: int, k: int, step
     cfg.train.progress = False
     cfg.out_dir = str(root / f"run_{arch}_{hidden}")
     metrics = train(cfg)
-    return metrics["tokens_per_s"]
+    return float(metrics.get("tokens_per_s", float("nan")))
 
 
 def step_time(arch: str, sparse: bool, batch: int, d_in: int, hidden: int, k: int, steps: int) -> float:
