@@ -1,0 +1,62 @@
+"""The quality suite's smoke subset: it runs the default and the grid through sae_sweep and reports them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import quality
+
+
+def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((out / "quality.json").read_text())
+    assert row["dataset"] == "quick-gt" and row["arch"] == "topk" and row["score"] == "mcc"
+    lrs, batches = quality.QUICK_GRID
+    grid = row["grid"]
+    assert sorted((p["lr"], p["batch_size"]) for p in grid) == sorted((a, b) for a in lrs for b in batches)
+    # One token budget for all; the best is the grid's best MCC, the gap measured from the default.
+    budget = row["tokens"]
+    assert all(p["steps"] == -(-budget // p["batch_size"]) for p in grid)
+    assert row["best"]["mcc"] == max(p["mcc"] for p in grid)
+    assert row["gap"] == row["best"]["mcc"] - row["default"]["mcc"]
+    assert 0 < row["default"]["mcc"] <= 1 and row["default"]["l0"] == 3
+    assert row["default"]["lr"] is not None  # the recipe's value, recorded by the run
+    table = (out / "quality.md").read_text()
+    assert "| quick-gt | topk | MCC |" in table and table in proc.stdout
+
+
+def test_help_and_list() -> None:
+    assert "--quick" in quality.__doc__
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--list"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert {"synthsaebench-16k", "minilm-l3", "smollm2-l15"} <= set(names)
+    gt = [ds for ds in quality.DATASETS if ds.kind == "synthetic"]
+    assert len(gt) >= 8
+    d_in = [ds.data["d_in"] for ds in gt]
+    ratio = [ds.data["n_features"] / ds.data["d_in"] for ds in gt]
+    l0 = [ds.data["true_l0"] for ds in gt]
+    assert min(d_in) == 64 and max(d_in) == 768 and min(ratio) == 4 and max(ratio) == 32
+    assert min(l0) == 2 and max(l0) == 40
+
+
+def test_unknown_data_set_is_one_clear_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--only", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "unknown data set nope" in proc.stderr
