@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, default=Path("outputs/quality"), help="where data, runs and results go"
     )
+    p.add_argument("--lrs", default="", help="comma-separated grid lr values (default: 3e-4,1e-3,3e-3,1e-2)")
+    p.add_argument("--batches", default="", help="comma-separated grid batch sizes (default: 1024,2048,4096)")
     p.add_argument("--list", action="store_true", help="list the data sets and exit")
     args = p.parse_args(argv)
 
@@ -352,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     for ds in sets:
         for arch in archs_override or ds.archs:
             try:
-                grid_values = QUICK_GRID if args.quick else (GRID_LR, GRID_BATCH)
+                lrs, batches = QUICK_GRID if args.quick else (GRID_LR, GRID_BATCH)
+                lrs = tuple(float(v) for v in args.lrs.split(",")) if args.lrs else lrs
+                batches = tuple(int(v) for v in args.batches.split(",")) if args.batches else batches
+                grid_values = (lrs, batches)
                 row = run_pair(ds, arch, args.out, args.scale, args.workers, grid_values)
             except RuntimeError as err:
                 print(

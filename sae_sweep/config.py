@@ -185,7 +185,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # extra held-out evaluations
     l1_lambda: float | None = None  # sparsity coefficient (relu: L1, jumprelu: L0); null = recipe
-    lr: float | None = None  # learning rate; null = the architecture's recipe value
+    # learning rate; null = the recipe: the architecture's rule for d_in, width, k and the optimizer steps
+    # the budget allows (sae_sweep/recipe.py)
+    lr: float | None = None
+    lr_scale: float = 1.0  # multiplies the recipe's lr (lr null only): `-m lr_check` sweeps it around 1
     batch_size: int = 4096  # tokens per optimizer step
     hidden_dim: int | None = None  # SAE width (latents); null = 8 * d_in
     tokens: int | None = None  # training budget in tokens; null = `epochs`
@@ -235,14 +238,29 @@ def keys_help() -> str:
 
 
 def resolve_recipe(
-    arch: str, d_in: int, hidden_dim: int | None, l1_lambda: float | None, lr: float | None
+    arch: str,
+    d_in: int,
+    hidden_dim: int | None,
+    l1_lambda: float | None,
+    lr: float | None,
+    steps: int | None = None,
+    k: int | None = None,
 ) -> tuple[int, float | None, float]:
-    """(hidden, l1_lambda, lr) a run uses when those keys are null; l1_lambda is None where unused."""
+    """(hidden, l1_lambda, lr) a run uses when those keys are null; l1_lambda is None where unused.
+
+    With `steps` (the optimizer steps the budget allows) a null lr is the budget-aware recipe value
+    (sae_sweep/recipe.py); without, the architecture's long-budget rule. `lr_scale` is not applied here.
+    """
+    from sae_sweep.recipe import budget_lr
+
     hidden = hidden_dim or 8 * d_in
     coef = None
     if arch in USES_SPARSITY_COEF:
         coef = l1_lambda if l1_lambda is not None else DEFAULT_L1_LAMBDA[arch]
-    return hidden, coef, lr if lr is not None else default_lr(arch, d_in, hidden)
+    if lr is not None:
+        return hidden, coef, lr
+    base = default_lr(arch, d_in, hidden)
+    return hidden, coef, base if steps is None else budget_lr(base, arch, d_in, hidden, k, steps)
 
 
 def run_name(override_dirname: str) -> str:
@@ -302,6 +320,9 @@ def validate(cfg: Config | DictConfig) -> None:
         if m.k is not None and m.k > cfg.hidden_dim:
             raise ConfigError("model.k", m.k, f"at most hidden_dim ({cfg.hidden_dim})")
     positive("lr", cfg.lr, allow_none=True)
+    positive("lr_scale", cfg.lr_scale)
+    if cfg.lr is not None and cfg.lr_scale != 1:
+        raise ConfigError("lr_scale", cfg.lr_scale, f"1 when lr is set (lr={cfg.lr:g} is used as given)")
     if cfg.batch_size < 1:
         raise ConfigError("batch_size", cfg.batch_size, "a positive integer (tokens per step)")
     if cfg.tokens is not None and cfg.epochs is not None:

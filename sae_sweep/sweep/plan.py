@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from sae_sweep.config import validate_sweep
 from sae_sweep.errors import ConfigError
+from sae_sweep.recipe import config_note
 from sae_sweep.sweep.compose import Composer, sweep_settings
 from sae_sweep.sweep.objectives import Objective, parse_objectives
 from sae_sweep.sweep.space import SearchSpace, parse_space
@@ -85,6 +86,7 @@ def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> S
     points = list(space.probe_points()) if check else [next(space.probe_points())]
     base = None
     data_seen: set[str] = set()
+    notes: list[str] = []
     for point in points:
         cfg = composer.compose(space.overrides(point))
         if base is None:
@@ -96,6 +98,9 @@ def make_plan(overrides: list[str], composer: Composer, check: bool = True) -> S
             if data_key not in data_seen:  # each data set once, before any study or trial exists
                 data_seen.add(data_key)
                 check_data(cfg.data)
+            if (note := config_note(cfg)) and note not in notes:
+                notes.append(note)
+                print(f"[sweep] note: {note}", flush=True)  # before any training: the grid may be mistaken
     assert base is not None
     settings = sweep_settings(base)
     sampler = settings.sampler

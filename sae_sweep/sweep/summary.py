@@ -45,6 +45,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _has_penalty_arch(frame: pd.DataFrame) -> bool:
+    return "architecture" in frame.columns and bool(frame["architecture"].isin(["relu", "jumprelu"]).any())
+
+
 def format_table(frame: pd.DataFrame, objectives: list[str]) -> str:
     """Trials (attempts continued by a retry left out: their retries carry on), Pareto-optimal ones *."""
     if frame.empty:
@@ -57,6 +61,9 @@ def format_table(frame: pd.DataFrame, objectives: list[str]) -> str:
     params = [p for p in frame.attrs.get("swept", []) if p in frame.columns]
     metrics = [m for m in dict.fromkeys([*objectives, *TABLE_METRICS]) if m in frame.columns]
     metrics = [m for m in metrics if frame[m].notna().any() or m in objectives]
+    if "dead_frac" in metrics and _has_penalty_arch(frame) and "pct_active_batch" in frame.columns:
+        # the notes' per-batch "% active" beside the real dead fraction: they differ, and the notes tracked it
+        metrics.insert(metrics.index("dead_frac") + 1, "pct_active_batch")
     header = ["trial", *params, "state", *metrics]
     lines = [header]
     for row in shown.to_dict("records"):

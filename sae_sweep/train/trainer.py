@@ -32,6 +32,7 @@ from sae_sweep.errors import (
 from sae_sweep.lm_eval import check_lm_eval, lm_eval_metrics
 from sae_sweep.metrics import DeadLatentTracker, density_histogram
 from sae_sweep.models import SAE, build_sae, save_sae
+from sae_sweep.recipe import l1_lambda_note
 from sae_sweep.rundir import Metrics
 from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
 from sae_sweep.train.evaluate import evaluate_sae
@@ -127,10 +128,6 @@ class Trainer:
         cfg = self.cfg
         d_in = self.data.d_in
         arch = cfg.model.name
-        self.hidden, coef, self.lr = resolve_recipe(arch, d_in, cfg.hidden_dim, cfg.l1_lambda, cfg.lr)
-        self.l1_lambda = coef or 0.0
-        if arch in TOPK_FAMILY and cfg.model.k > self.hidden:
-            raise ConfigError("model.k", cfg.model.k, f"at most hidden_dim ({self.hidden})")
         if cfg.batch_size > self.data.n_train_tokens:
             raise ConfigError(
                 "batch_size",
@@ -143,6 +140,16 @@ class Trainer:
             epochs = cfg.epochs if cfg.epochs is not None else cfg.data.default_epochs
             budget = math.ceil(epochs * self.data.n_train_tokens)
         self.total_steps = max(1, math.ceil(budget / cfg.batch_size))
+        self.hidden, coef, self.lr = resolve_recipe(
+            arch, d_in, cfg.hidden_dim, cfg.l1_lambda, cfg.lr, steps=self.total_steps, k=cfg.model.k
+        )
+        if cfg.lr is None:
+            self.lr *= cfg.lr_scale
+        self.l1_lambda = coef or 0.0
+        if arch in TOPK_FAMILY and cfg.model.k > self.hidden:
+            raise ConfigError("model.k", cfg.model.k, f"at most hidden_dim ({self.hidden})")
+        if arch == "relu" and (note := l1_lambda_note(self.l1_lambda, d_in, cfg.batch_size)):
+            log.warning("%s", note)
         self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
         self.log_every_steps = max(1, round(cfg.train.log_every_tokens / cfg.batch_size))
 

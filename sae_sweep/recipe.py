@@ -1,0 +1,91 @@
+"""Recipe values that depend on the training budget, and a check on coefficients carried over.
+
+`budget_lr`: the learning rate a run uses when `lr` is null. The architectures' own rules (Gao et
+al.'s 2e-4 / sqrt(hidden / 2^14) for the TopK family; 1e-3 x sqrt(128 / d_in) for relu and jumprelu)
+are long-budget rules: tens of thousands of optimizer steps. A run of a few hundred steps needs a
+larger lr to get anywhere, so below LONG_BUDGET_STEPS the rule is scaled up (see `budget_lr` for the
+rule and benchmarks/README.md, "Quality", for the measurements it comes from). `lr` set by the user
+is always used as given; `lr_scale` multiplies the recipe's value (what `-m lr_check` sweeps).
+
+`l1_lambda_note`: sae_sweep's relu loss is MSE summed over the input dimensions plus l1_lambda x L1
+(sum_i f_i ||W_dec,i||), both averaged over tokens. Code that averages the MSE over the dimensions
+and sums the L1 over the batch (the researcher's notes did) has a coefficient d_in x batch_size times
+stronger per unit, so its values (1e-9, 1e-5) do nothing here. Such a value gets one line before
+training with its equivalent under this convention.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "L1_NEGLIGIBLE",
+    "LONG_BUDGET_STEPS",
+    "budget_lr",
+    "config_note",
+    "l1_lambda_note",
+    "notes_equivalent",
+]
+
+# Below this, relu's L1 term changes nothing measurable on normalised inputs (E||x|| = sqrt(d_in)):
+# l1_lambda 1e-3 trains to the same L0 and FVU as 0 on the built-in data (benchmarks/README.md).
+L1_NEGLIGIBLE = 1e-2
+
+# Steps at and beyond which the TopK family's long-budget lr rule applies unchanged.
+LONG_BUDGET_STEPS = 20_000
+TOPK_LR_CAP = 3e-2  # the largest lr the short-budget scaling gives (larger ones were not measured)
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, steps: int) -> float:
+    """The recipe lr for a run of `steps` optimizer steps, from the architecture's long-budget `base_lr`.
+
+    TopK family: base_lr x sqrt(LONG_BUDGET_STEPS / steps), at least base_lr and at most TOPK_LR_CAP
+    (Gao et al.'s rule is fitted on runs of ~10^5 steps; a run of a few hundred steps, as a sweep trial
+    on a CPU gets, wants its lr several times larger). relu / jumprelu: base_lr unchanged (their rule,
+    1e-3 x sqrt(128 / d_in), is already a short-budget one). d_in, hidden and k enter through base_lr.
+    """
+    if arch not in TOPK_FAMILY:
+        return base_lr
+    factor = max(1.0, (LONG_BUDGET_STEPS / max(1, steps)) ** 0.5)
+    return max(base_lr, min(base_lr * factor, TOPK_LR_CAP))
+
+
+def notes_equivalent(l1_lambda: float, d_in: int, batch_size: int) -> float:
+    """The l1_lambda here that a coefficient under the notes' convention (MSE averaged over the d_in
+    dimensions, L1 summed over the batch) corresponds to: it is d_in x batch_size times stronger."""
+    return l1_lambda * d_in * batch_size
+
+
+def l1_lambda_note(l1_lambda: float, d_in: int, batch_size: int) -> str | None:
+    """One line for a relu l1_lambda too small to change anything (None for 0 or a usable value)."""
+    if not 0 < l1_lambda < L1_NEGLIGIBLE:
+        return None
+    equivalent = notes_equivalent(l1_lambda, d_in, batch_size)
+    return (
+        f"l1_lambda={l1_lambda:g} is too small to change anything here (below {L1_NEGLIGIBLE:g} it trains "
+        f"like l1_lambda=0; usable values are ~1 to 10). If it comes from code that averages the MSE over "
+        f"the dims and sums the L1 over the batch, the same strength here is l1_lambda = {l1_lambda:g} x "
+        f"d_in {d_in} x batch_size {batch_size} = {_round(equivalent)}"
+    )
+
+
+def _round(value: float) -> str:
+    return f"{value:.3g}" if value < 1e4 else f"{value:.2e}"
+
+
+def config_note(cfg: Any) -> str | None:
+    """l1_lambda_note for a composed config, before any data is read (d_in from the synthetic keys or
+    the first shard's header); None where it does not apply or d_in cannot be known yet."""
+    if cfg.model.name != "relu" or cfg.l1_lambda is None or not 0 < cfg.l1_lambda < L1_NEGLIGIBLE:
+        return None
+    d_in = cfg.data.d_in if cfg.data.kind == "synthetic" else None
+    if d_in is None:
+        try:
+            from sae_sweep.data.shards import open_shards
+
+            d_in = open_shards(Path(cfg.data.path))[0].d_in
+        except Exception:  # unreadable folders are reported by the run itself, with their file
+            return None
+    return l1_lambda_note(cfg.l1_lambda, int(d_in), int(cfg.batch_size))
