@@ -298,8 +298,9 @@ def _f(value: Any, digits: int = 3) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| data set | arch | score | default | grid best | gap | default lr / batch / steps | best lr / batch"
-        " / steps | L0 default / best | dead default / best | s default / best |\n"
-        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- |\n"
+        " / steps | L0 default / best | dead default / best | % active per batch default / best"
+        " | s default / best |\n"
+        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
     for r in rows:
@@ -310,6 +311,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {_f(d['lr'], 4)} / {d['batch_size']} / {d['steps']} "
             f"| {_f(b.get('lr'), 4)} / {b.get('batch_size')} / {b.get('steps')} "
             f"| {_f(d['l0'], 1)} / {_f(b.get('l0'), 1)} | {_f(d['dead_frac'])} / {_f(b.get('dead_frac'))} "
+            f"| {_f(d['pct_active_batch'], 1)} / {_f(b.get('pct_active_batch'), 1)} "
             f"| {_f(d['train_seconds'], 1)} / {_f(b.get('train_seconds'), 1)} |"
         )
     return head + "\n".join(lines) + "\n"
