@@ -183,6 +183,11 @@ def _smollm2_folder(root: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf[0].name)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf[0].name)
+    # The weights are de-quantized already; transformers still marks the model as GGUF-quantized and
+    # refuses to save it, so drop the marks and save the plain float model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)

@@ -36,7 +36,7 @@ def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> Non
 
 
 def test_help_and_list() -> None:
-    assert "--quick" in quality.__doc__
+    assert "--quick" in (quality.__doc__ or "")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.quality", "--list"], capture_output=True, text=True, timeout=60
     )
