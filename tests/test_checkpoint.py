@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_a_single_run_on_a_garbage_checkpoint_starts_over(make_cfg, tmp_path, ca
     run_dir.mkdir(parents=True)
     (run_dir / rundir.CHECKPOINT).write_text("not a checkpoint")
     with caplog.at_level(logging.WARNING, logger="sae_sweep"):
-        metrics = train(cfg)
+        metrics: dict[str, Any] = dict(train(cfg))
     assert metrics["status"] == "completed" and metrics["resumed_from_tokens"] == 0
     assert metrics["tokens"] >= 20_000 and "set aside" in caplog.text
     assert json.loads((run_dir / rundir.METRICS).read_text())["status"] == "completed"

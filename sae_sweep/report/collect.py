@@ -138,7 +138,7 @@ def add_pareto(df: pd.DataFrame) -> pd.DataFrame:
     df["pareto"] = False
     done = df["status"].eq(COMPLETED)
     if "fvu" in df:
-        done &= ~(pd.to_numeric(df["fvu"], errors="coerce") >= COLLAPSED_FVU)
+        done &= ~(pd.Series(pd.to_numeric(df["fvu"], errors="coerce"), index=df.index) >= COLLAPSED_FVU)
     objectives = df.attrs.get("objectives", {})
     for sweep, idx in df[done].groupby("sweep", sort=False).groups.items():
         objs = objectives.get(sweep) or DEFAULT_OBJECTIVES
@@ -146,7 +146,9 @@ def add_pareto(df: pd.DataFrame) -> pd.DataFrame:
         cols = [m for m, _ in objs]
         values = np.column_stack(
             [
-                pd.to_numeric(part[c], errors="coerce") if c in part else np.full(len(part), np.nan)
+                np.asarray(pd.to_numeric(part[c], errors="coerce"), dtype=float)
+                if c in part
+                else np.full(len(part), np.nan)
                 for c in cols
             ]
         )

@@ -34,7 +34,7 @@ def latest_attempts(frame: pd.DataFrame) -> pd.DataFrame:
     gone = frame["status"].eq(INTERRUPTED)
     if "retried_by" in frame:
         gone |= frame["retried_by"].notna()
-    return frame[~gone]
+    return pd.DataFrame(frame[~gone])
 
 
 def _fmt(value: Any) -> str:
@@ -66,7 +66,7 @@ def format_table(frame: pd.DataFrame, objectives: list[str]) -> str:
         metrics.insert(metrics.index("dead_frac") + 1, "pct_active_batch")
     header = ["trial", *params, "state", *metrics]
     lines = [header]
-    for row in shown.to_dict("records"):
+    for row in pd.DataFrame(shown).to_dict(orient="records"):
         state = row.get("status") or str(row.get("state", "")).lower()
         mark = "*" if row.get("pareto") else " "
         done = state == "completed"  # a stopped run's numbers are training-batch ones: not shown

@@ -224,7 +224,7 @@ class Worker:
             except (TrialTakenOver, Exception) as err:
                 taken = [m for m in members if m.outcome is None and self._taken_over(m)]
                 for m in taken:
-                    m.outcome = err if isinstance(err, Exception) else RuntimeError("taken over")
+                    m.outcome = err if isinstance(err, Exception) else RuntimeError("taken over")  # type: ignore[assignment]
                     m.taken_over = True
                     say(
                         self.label,
@@ -360,13 +360,14 @@ def _judge(
         why = f"{type(outcome).__name__}: {outcome}"
         return TrialState.FAIL, None, "failed", why, _read_metrics(m.run_dir)
     assert outcome is not None
-    if outcome.get("status") in STOPPED_STATES:  # evaluated, but not a result (e.g. FVU >= 1: collapsed)
-        status = str(outcome["status"])
-        return STOPPED_STATES[status], None, status, str(outcome.get("reason", "")), outcome
-    values, why = objective_values(objectives, outcome)
+    metrics: dict[str, Any] = dict(outcome)
+    if metrics.get("status") in STOPPED_STATES:  # evaluated, but not a result (e.g. FVU >= 1: collapsed)
+        status = str(metrics["status"])
+        return STOPPED_STATES[status], None, status, str(metrics.get("reason", "")), metrics
+    values, why = objective_values(objectives, metrics)
     if values is None:
-        return TrialState.FAIL, None, "failed", why, outcome
-    return TrialState.COMPLETE, values, "completed", "", outcome
+        return TrialState.FAIL, None, "failed", why, metrics
+    return TrialState.COMPLETE, values, "completed", "", metrics
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
