@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,15 @@ from sae_sweep.config import LMEvalConfig
 from sae_sweep.errors import ConfigError, SaeSweepError
 from sae_sweep.harvest import read_manifest
 from sae_sweep.harvest.config import HOOKS, HarvestConfig
-from sae_sweep.harvest.hooks import LayerSite, find_site, hooked, is_causal_lm, load_model, resolve_model
+from sae_sweep.harvest.hooks import (
+    LayerSite,
+    find_blocks,
+    find_site,
+    hooked,
+    is_causal_lm,
+    load_model,
+    resolve_model,
+)
 from sae_sweep.harvest.text import Batch, Framing, batches, framing, resolve_text
 from sae_sweep.models import load_sae
 
@@ -65,6 +73,7 @@ class _Settings:
 
 def _settings(lm_cfg: Any, harvest_dir: str | Path | None) -> _Settings:
     """lm_cfg's values, the harvest manifest's where lm_cfg leaves them null, then harvest defaults."""
+
     folder = getattr(lm_cfg, "harvest", None) or harvest_dir
     manifest = read_manifest(folder) if folder else None
     if folder and manifest is None and not getattr(lm_cfg, "model", None):
@@ -83,24 +92,33 @@ def _settings(lm_cfg: Any, harvest_dir: str | Path | None) -> _Settings:
     return _Settings(**values)
 
 
-# One model at a time stays loaded: a sweep worker evaluates many SAEs against the same model.
-_LOADED: dict[tuple[str, str, str], tuple[nn.Module, Any]] = {}
-_BASELINES: dict[_Settings, tuple[float, float, int]] = {}
+@dataclass
+class _Heldout:
+    """The held-out batches of one setting, their clean and zero-ablation losses, and each batch's input
+    to the hooked block (so an SAE's pass starts there instead of at the embeddings)."""
+
+    batches: list[Batch]
+    block_inputs: list[Tensor] | None  # None when the blocks do not return bare tensors (then no skip)
+    ce_clean: float
+    ce_zero: float
+    n: int
+
+
+# Baselines per setting: a sweep worker scores many SAEs against the same model and text.
+_HELDOUT: dict[_Settings, _Heldout] = {}
 
 
 def _model(s: _Settings) -> tuple[nn.Module, Any]:
-    key = (s.model, s.dtype, s.device)
-    if key not in _LOADED:
-        _LOADED.clear()
-        model, tokenizer, _ = load_model(s.model, causal_lm=True, dtype=s.dtype, device=s.device)
-        if not is_causal_lm(model.config):
-            archs = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
-            raise ConfigError("eval.lm.model", s.model, f"a causal language model (this one is {archs})")
-        _LOADED[key] = (model, tokenizer)
-    return _LOADED[key]
+
+    model, tokenizer, _ = load_model(s.model, causal_lm=True, dtype=s.dtype, device=s.device)
+    if not is_causal_lm(model.config):
+        archs = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+        raise ConfigError("eval.lm.model", s.model, f"a causal language model (this one is {archs})")
+    return model, tokenizer
 
 
 def _heldout_batches(s: _Settings, tokenizer: Any, frame: Framing) -> list[Batch]:
+
     source = resolve_text(s.text, s.text_field, s.holdout_fraction)
     out, n = [], 0
     docs = source.indexed("heldout")
@@ -120,19 +138,97 @@ def _targets(mask: Tensor) -> Tensor:
     return mask[:, 1:].bool() & mask[:, :-1].bool()
 
 
+class _PassThrough(nn.Module):
+    """Stands in for a block before the hooked one: its work is replaced by the cached result."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
+@contextmanager
+def _start_at(model: nn.Module, layer: int, block_input: Tensor | None) -> Iterator[None]:
+    """Run blocks `layer`.. only, block `layer` reading block_input (its clean input) instead."""
+
+    if block_input is None or layer == 0:
+        yield
+        return
+    _, blocks = find_blocks(model)
+    skipped = [blocks[i] for i in range(layer)]
+    handle = blocks[layer].register_forward_pre_hook(lambda _m, args: (block_input, *args[1:]))
+    try:
+        for i in range(layer):
+            blocks[i] = _PassThrough()
+        yield
+    finally:
+        handle.remove()
+        for i, block in enumerate(skipped):
+            blocks[i] = block
+
+
 def _ce_sum(
-    model: nn.Module, site: LayerSite, batch: Batch, replace: Callable[[Tensor], Tensor] | None
+    model: nn.Module,
+    site: LayerSite,
+    batch: Batch,
+    replace: Callable[[Tensor], Tensor] | None,
+    start: tuple[int, Tensor | None] = (0, None),
 ) -> tuple[float, int]:
-    """(summed next-token cross-entropy, token count) with the site's output optionally replaced."""
+    """(summed next-token cross-entropy, token count) with the site's output optionally replaced.
+
+    start: (block index, that block's clean input for this batch) to skip the blocks before it.
+    """
+
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     keep = batch.keep.to(device)[..., None]
     splice = None if replace is None else (lambda out: torch.where(keep, replace(out), out))
-    with hooked(site.module, splice) if splice else nullcontext(), torch.inference_mode():
+    with (
+        hooked(site.module, splice) if splice else nullcontext(),
+        _start_at(model, *start),
+        torch.inference_mode(),
+    ):
         logits = model(input_ids=ids, attention_mask=mask).logits
     valid = _targets(mask)
     losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     return float(losses[valid.flatten()].sum()), int(valid.sum())
+
+
+def _clean_pass(
+    model: nn.Module, site: LayerSite, layer: int, batch: Batch
+) -> tuple[float, int, Tensor | None]:
+    """The clean loss of one batch, and the hooked block's input when its blocks return bare tensors."""
+
+    _, blocks = find_blocks(model)
+    seen: dict[str, Any] = {}
+
+    def grab_input(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        seen["input"] = args[0] if args and isinstance(args[0], Tensor) else None
+
+    def grab_output(_m: nn.Module, _args: Any, out: Any) -> None:
+        seen["bare"] = isinstance(out, Tensor)
+
+    handles = [blocks[layer].register_forward_pre_hook(grab_input)]
+    handles.append(blocks[max(layer - 1, 0)].register_forward_hook(grab_output))
+    try:
+        ce, n = _ce_sum(model, site, batch, None)
+    finally:
+        for h in handles:
+            h.remove()
+    return ce, n, seen.get("input") if seen.get("bare") else None
+
+
+def _heldout(s: _Settings, model: nn.Module, tokenizer: Any, site: LayerSite) -> _Heldout:
+
+    if s not in _HELDOUT:
+        held = _heldout_batches(s, tokenizer, framing(tokenizer, s.prepend_bos))
+        clean = [_clean_pass(model, site, s.layer, b) for b in held]
+        inputs = [c[2] for c in clean]
+        block_inputs = None if any(x is None for x in inputs) else [x for x in inputs if x is not None]
+        zero = [_ce_sum(model, site, b, torch.zeros_like) for b in held]
+        n = sum(c[1] for c in clean)
+        ce_clean, ce_zero = sum(c[0] for c in clean) / n, sum(v for v, _ in zero) / n
+        _HELDOUT.clear()  # one setting at a time: its block inputs are held in memory
+        _HELDOUT[s] = _Heldout(held, block_inputs, ce_clean, ce_zero, n)
+    return _HELDOUT[s]
 
 
 def _reconstruct(sae: nn.Module, input_scale: float) -> Callable[[Tensor], Tensor]:
@@ -147,6 +243,7 @@ def _reconstruct(sae: nn.Module, input_scale: float) -> Callable[[Tensor], Tenso
 
 def check_lm_eval(lm_cfg: Any, harvest_dir: str | Path | None = None) -> None:
     """Fail before training, without loading the model: settings, model location and text must resolve."""
+
     s = _settings(lm_cfg, harvest_dir)
     resolve_model(s.model)
     resolve_text(s.text, s.text_field, s.holdout_fraction)
@@ -166,19 +263,20 @@ def lm_eval_metrics(
     input_scale: 1 for a saved SAE (load_sae: raw activations); the scale factor for a model still in
     training, which works on raw activations * scale (its reconstruction is divided by it again).
     """
+
     s = _settings(lm_cfg, harvest_dir)
     model, tokenizer = _model(s)
     site = find_site(model, s.layer, s.hook)
-    frame = framing(tokenizer, s.prepend_bos)
-    held = _heldout_batches(s, tokenizer, frame)
-    if s not in _BASELINES:
-        clean = [_ce_sum(model, site, b, None) for b in held]
-        zero = [_ce_sum(model, site, b, torch.zeros_like) for b in held]
-        n = sum(c for _, c in clean)
-        _BASELINES[s] = (sum(v for v, _ in clean) / n, sum(v for v, _ in zero) / n, n)
-    ce_clean, ce_zero, n = _BASELINES[s]
+    held = _heldout(s, model, tokenizer, site)
+    ce_clean, ce_zero, n = held.ce_clean, held.ce_zero, held.n
     recon = _reconstruct(sae, input_scale)
-    ce_sae = sum(_ce_sum(model, site, b, recon)[0] for b in held) / n
+    starts = held.block_inputs or [None] * len(held.batches)
+    ce_sae = (
+        sum(
+            _ce_sum(model, site, b, recon, (s.layer, x))[0] for b, x in zip(held.batches, starts, strict=True)
+        )
+        / n
+    )
     span = ce_zero - ce_clean
     return {
         "ce_loss_score": (ce_zero - ce_sae) / span if span != 0 else float("nan"),
@@ -194,6 +292,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[-1].strip())
         return 0
+
     run_dir = Path(argv[0])
     try:
         overrides = OmegaConf.from_dotlist(argv[1:])
