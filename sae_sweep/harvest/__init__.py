@@ -79,10 +79,7 @@ def read_provenance(folder: str | Path, shard_file: str) -> np.ndarray | None:
 def _write_provenance(out: Path, index: int, tokens: torch.Tensor) -> None:
     path = provenance_path(out, f"shard_{index:05d}")
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, tokens.numpy().astype(np.int32))
-    os.replace(tmp, path)
+    rundir.atomic_write(path, lambda fh: np.save(fh, tokens.numpy().astype(np.int32)))
 
 
 def _write_shard(out: Path, index: int, rows: torch.Tensor, tokens: torch.Tensor) -> tuple[str, int]:
