@@ -52,6 +52,10 @@ class TextSource:
                 return doc
         raise IndexError(index)
 
+    def names(self) -> list[str]:
+        """A short label per document, by number: the pydoc topic, the file name, or file:line."""
+        return [name for name, _ in self._named()]
+
     def describe(self) -> dict[str, Any]:
         """For the manifest: where the text came from and what was held out."""
         return {
@@ -62,21 +66,24 @@ class TextSource:
         }
 
     def _all(self) -> Iterator[str]:
+        return (doc for _, doc in self._named())
+
+    def _named(self) -> Iterator[tuple[str, str]]:
         if not self.files:
             from pydoc_data.topics import topics  # the stdlib's own help text: always present, offline
 
-            yield from (topics[key] for key in sorted(topics))
+            yield from ((f"pydoc {key}", topics[key]) for key in sorted(topics))
             return
         for path in self.files:
             if path.suffix == ".txt":
                 doc = path.read_text(encoding="utf-8", errors="replace")
                 if doc.strip():
-                    yield doc
+                    yield path.name, doc
             else:
                 yield from _jsonl_documents(path, self.text_field)
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, str]]:
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
@@ -88,7 +95,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise DataError(path, f"line {line_no} has no string field '{field}' (set text_field=...)")
             if record[field].strip():
-                yield record[field]
+                yield f"{path.name}:{line_no}", record[field]
 
 
 def resolve_text(spec: str, text_field: str = "text", holdout_fraction: float = 0.05) -> TextSource:
