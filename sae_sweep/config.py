@@ -148,6 +148,7 @@ class SweepConfig:
     # allows; see README "Packing"), 1 = one trial at a time
     pack: int | None = None
     report: bool = True  # at the end, write the full report (tables, plots); false = report/trials.csv only
+    report_features: bool = True  # the full report builds and links a feature browser per Pareto trial
     launcher: str = "local"  # local (processes on this machine) | slurm (one job per worker, via submitit)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

@@ -32,6 +32,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="study storage (file or database URL) when it is not in DIR nor in the trials' config",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-features",
+        action="store_true",
+        help="do not build the Pareto trials' feature browsers (python -m sae_sweep.features)",
+    )
     return parser.parse_args(argv)
 
 
@@ -41,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"sae_sweep.report: error: no such sweep directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    kw = dict(study_name=args.study, progress=not args.quiet, storage=args.storage)
+    kw = dict(
+        study_name=args.study, progress=not args.quiet, storage=args.storage, features=not args.no_features
+    )
     pages = [write_report(d, **kw) for d in args.dirs]
     if len(args.dirs) > 1:
         out = args.out or default_compare_dir(args.dirs)

@@ -1,10 +1,18 @@
-"""report/index.html: the table, the Pareto trials in words and the figures on one page."""
+"""report/index.html: the table, the Pareto trials in words and the figures on one page.
+
+With `features` on (the default), each Pareto trial also gets its feature browser
+(`<run dir>/features/index.html`, see sae_sweep.features) and the page links each Pareto point to
+it, from the list and from an SVG copy of the frontier whose points are links (a PNG cannot hold any).
+"""
 
 from __future__ import annotations
 
 import html
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -52,17 +60,106 @@ def best_line(df: pd.DataFrame, min_ev: float = 0.9) -> str:
     )
 
 
-def front_lines(df: pd.DataFrame) -> list[str]:
+def _front(df: pd.DataFrame) -> pd.DataFrame:
     front = completed(df)
-    front = front[front["pareto"]].sort_values(["sweep", "l0"])
+    return front[front["pareto"]].sort_values(["sweep", "l0"])
+
+
+def _lm_part(row: Any) -> str:
+    score = row.get("ce_loss_score")
+    if score is None or not isinstance(score, float) or math.isnan(score):
+        return ""
+    return f", CE-loss score {score:.3f} (ΔLM loss {row['delta_lm_loss']:.3f})"
+
+
+def front_lines(df: pd.DataFrame) -> list[str]:
+    front = _front(df)
     swept = swept_params(df)
     several = df["sweep"].nunique() > 1
     return [
         f"{row['sweep'] + ' ' if several else ''}#{row['trial']} {settings_label(row, swept)}: "
         f"L0 {row['l0']:.3g}, explained variance {row['explained_variance']:.4f}, "
-        f"dead {100 * row['dead_frac']:.1f}%"
+        f"dead {100 * row['dead_frac']:.1f}%{_lm_part(row)}"
         for _, row in front.iterrows()
     ]
+
+
+def build_browsers(df: pd.DataFrame, report_dir: Path, features: Any) -> dict[tuple[str, int], str]:
+    """Feature browsers of the Pareto trials -> {(sweep, trial): link relative to report_dir}.
+
+    A trial whose browser cannot be built is left without a link (and the reason is printed): the
+    report must not depend on it.
+    """
+    from sae_sweep.errors import SaeSweepError
+    from sae_sweep.features import FeaturesConfig, build_features
+
+    cfg = features if isinstance(features, FeaturesConfig) else FeaturesConfig(progress=False)
+    links = {}
+    for _, row in _front(df).iterrows():
+        run_dir = row.get("run_dir")
+        if not isinstance(run_dir, str) or not (Path(run_dir) / "sae.safetensors").is_file():
+            continue
+        index = Path(run_dir) / "features" / "index.html"
+        fresh = (
+            index.is_file() and index.stat().st_mtime >= (Path(run_dir) / "sae.safetensors").stat().st_mtime
+        )
+        if not fresh:  # a report run again (or a comparison) reuses the browsers already built
+            try:
+                index = build_features(run_dir, cfg)
+            except (SaeSweepError, OSError) as err:
+                print(f"no feature browser for trial {row['trial']}: {err}")
+                continue
+            print(f"wrote {index}")
+        links[(row["sweep"], int(row["trial"]))] = os.path.relpath(index, report_dir)
+    return links
+
+
+def frontier_svg(
+    df: pd.DataFrame, links: dict[tuple[str, int], str], width: int = 640, height: int = 360
+) -> str:
+    """L0 (log x) against FVU (log y) of the completed trials, the front joined, its points linked."""
+    points = completed(df)
+    if points.empty:
+        return ""
+    lx, ly = points["l0"].map(math.log10), points["fvu"].map(math.log10)
+    pad = 40
+
+    def xy(l0: float, fvu: float) -> tuple[float, float]:
+        fx = (math.log10(l0) - lx.min()) / ((lx.max() - lx.min()) or 1)
+        fy = (math.log10(fvu) - ly.min()) / ((ly.max() - ly.min()) or 1)
+        return pad + fx * (width - 2 * pad), height - pad - fy * (height - 2 * pad)
+
+    front = _front(df)
+    line = " ".join("{:.1f},{:.1f}".format(*xy(r["l0"], r["fvu"])) for _, r in front.iterrows())
+    parts = [f'<polyline points="{line}" fill="none" stroke="black" stroke-width="1.2"/>']
+    for _, r in points.iterrows():
+        x, y = xy(r["l0"], r["fvu"])
+        tip = f"#{r['trial']}: L0 {r['l0']:.3g}, FVU {r['fvu']:.4f}"
+        link = links.get((r["sweep"], int(r["trial"])))
+        dot = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{6 if r["pareto"] else 4}" ' + (
+            'fill="#d62728"' if r["pareto"] else 'fill="#9bb7d4"'
+        )
+        if link:
+            dot += f"><title>{html.escape(tip)}: open its features</title></circle>"
+            parts.append(f'<a href="{html.escape(link)}">{dot}</a>')
+            parts.append(
+                f'<a href="{html.escape(link)}"><text x="{x + 8:.1f}" y="{y - 6:.1f}" font-size="11">'
+                f"#{r['trial']}</text></a>"
+            )
+        else:
+            parts.append(dot + f"><title>{html.escape(tip)}</title></circle>")
+    axes = (
+        f'<text x="{width / 2:.0f}" y="{height - 8}" font-size="12">L0 (log scale) →</text>'
+        f'<text x="4" y="16" font-size="12">FVU (log scale) ↑</text>'
+        f'<text x="{pad}" y="{height - pad + 16}" font-size="10">{points["l0"].min():.3g}</text>'
+        f'<text x="{width - pad - 20}" y="{height - pad + 16}" font-size="10">{points["l0"].max():.3g}</text>'
+        f'<text x="4" y="{height - pad}" font-size="10">{points["fvu"].min():.3g}</text>'
+        f'<text x="4" y="{pad}" font-size="10">{points["fvu"].max():.3g}</text>'
+    )
+    return (
+        f'<svg id="frontier-links" width="{width}" height="{height}" role="img" '
+        f'style="border:1px solid #ddd">{axes}{"".join(parts)}</svg>'
+    )
 
 
 def html_table(df: pd.DataFrame) -> str:
@@ -80,7 +177,10 @@ def html_table(df: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def render_page(df: pd.DataFrame, figures: Sequence[Path], title: str) -> str:
+def render_page(
+    df: pd.DataFrame, figures: Sequence[Path], title: str, links: dict[tuple[str, int], str] | None = None
+) -> str:
+    links = links or {}
     swept = swept_params(df)
     sweeps = df.attrs.get("sweeps", {})
     parts = [
@@ -92,13 +192,21 @@ def render_page(df: pd.DataFrame, figures: Sequence[Path], title: str) -> str:
         f"{html.escape(', '.join(swept) or 'nothing')}.</p>",
         f"<p><b>{html.escape(best_line(df))}</b></p>",
         "<h2>Pareto front (L0 vs FVU, completed trials)</h2><ul>"
-        + "".join(f"<li>{html.escape(line)}</li>" for line in front_lines(df))
+        + "".join(
+            f"<li>{html.escape(line)}{_link(links, key)}</li>"
+            for line, key in zip(front_lines(df), _front_keys(df), strict=True)
+        )
         + "</ul>",
         "<h2>Configurations</h2>",
         html_table(df),
         '<p>Also: <a href="table.md">table.md</a> (to paste), <a href="trials.csv">trials.csv</a> '
         "(every trial, every column). Metrics are on the held-out split; the front is highlighted.</p>",
     ]
+    if links:
+        parts.append(
+            "<figure>" + frontier_svg(df, links) + "<figcaption>The frontier again, drawn as links: "
+            "click a red (Pareto) point to open that trial's feature browser.</figcaption></figure>"
+        )
     for fig in figures:
         parts.append(
             f'<figure><img src="{html.escape(fig.name)}" alt="{html.escape(fig.stem)}">'
@@ -108,11 +216,22 @@ def render_page(df: pd.DataFrame, figures: Sequence[Path], title: str) -> str:
     return "\n".join(parts)
 
 
-def _write_all(df: pd.DataFrame, report_dir: Path, title: str, figures: Sequence[str] | None) -> Path:
+def _front_keys(df: pd.DataFrame) -> list[tuple[str, int]]:
+    return [(r["sweep"], int(r["trial"])) for _, r in _front(df).iterrows()]
+
+
+def _link(links: dict[tuple[str, int], str], key: tuple[str, int]) -> str:
+    return f' · <a href="{html.escape(links[key])}">features</a>' if key in links else ""
+
+
+def _write_all(
+    df: pd.DataFrame, report_dir: Path, title: str, figures: Sequence[str] | None, features: Any
+) -> Path:
     written = write_tables(df, report_dir)
     pngs = write_plots(df, report_dir, figures)
+    links = build_browsers(df, report_dir, features) if features else {}
     page = report_dir / "index.html"
-    rundir.write_text(page, render_page(df, pngs, title))
+    rundir.write_text(page, render_page(df, pngs, title, links))
     for path in [*written, *pngs, page]:
         print(f"wrote {path}")
     return page
@@ -123,14 +242,16 @@ def write_report(
     study_name: str | None = None,
     progress: bool = True,
     storage: str | Path | None = None,
+    features: Any = True,
 ) -> Path:
     """Collect one sweep and write <sweep_dir>/report/: trials.csv, table.md, the PNGs and index.html.
 
-    Returns the path of index.html. (study_name / storage: see collect.load_trials.)
+    Returns the path of index.html. (study_name / storage: see collect.load_trials.) features: build
+    the Pareto trials' feature browsers and link them (True, or a FeaturesConfig), or not (False).
     """
     sweep_dir = Path(sweep_dir)
     df = collect(sweep_dir, study_name=study_name, progress=progress, storage=storage)
-    return _write_all(df, sweep_dir / "report", f"Sweep report: {sweep_dir.name}", None)
+    return _write_all(df, sweep_dir / "report", f"Sweep report: {sweep_dir.name}", None, features)
 
 
 def compare_report(
@@ -139,8 +260,9 @@ def compare_report(
     study_name: str | None = None,
     progress: bool = True,
     storage: str | Path | None = None,
+    features: Any = True,
 ) -> Path:
     """Several sweeps in one report in out_dir: their frontiers overlaid, one table with a sweep column."""
     df = collect(list(sweep_dirs), study_name=study_name, progress=progress, storage=storage)
     title = "Sweep comparison: " + " vs ".join(df.attrs["sweeps"])
-    return _write_all(df, Path(out_dir), title, ["frontier.png"])
+    return _write_all(df, Path(out_dir), title, ["frontier.png"], features)

@@ -213,9 +213,14 @@ def full_report(plan: SweepPlan) -> Path | None:
         return None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
+            features = bool(plan.settings.report_features)
             return Path(
                 write_report(
-                    plan.sweep_dir, study_name=plan.study_name, progress=False, storage=plan.store.url
+                    plan.sweep_dir,
+                    study_name=plan.study_name,
+                    progress=False,
+                    storage=plan.store.url,
+                    features=features,
                 )
             )
     except Exception as err:  # the table and trials.csv must not depend on the plots
