@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -189,22 +192,72 @@ def test_bad_arguments_fail_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "RUN_DIR" in err and "sae.safetensors" in err
 
 
-def test_a_sweep_report_links_each_pareto_point_to_its_browser(gpt2_run, tmp_path):
-    from sae_sweep.report import collect, write_report
+@pytest.fixture(scope="module")
+def gpt2_sweep(gpt2_run, tmp_path_factory) -> Path:
+    """Two trials on the GPT-2 harvest, laid out as a sweep, with its report written."""
+    from sae_sweep.report import write_report
 
     _, run = gpt2_run
-    acts = Path(_summary(run)["data"])
-    sweep = tmp_path / "sweep"
+    sweep = tmp_path_factory.mktemp("features-sweep") / "sweep"
     for n, k in enumerate((2, 8)):
-        train_run(acts, sweep / "trials" / str(n), k=k, tokens=8000)
-    page = write_report(sweep, progress=False)
+        train_run(Path(_summary(run)["data"]), sweep / "trials" / str(n), k=k, tokens=8000)
+    write_report(sweep, progress=False)
+    return sweep
+
+
+def test_a_sweep_report_links_each_pareto_point_to_its_browser(gpt2_sweep, tmp_path):
+    from sae_sweep.report import collect, write_report
+
+    page = gpt2_sweep / "report" / "index.html"
     html = page.read_text()
-    df = collect(sweep, progress=False)
-    front = df[df["pareto"]]["trial"].tolist()
+    front = collect(gpt2_sweep, progress=False).query("pareto")["trial"].tolist()
     assert front
     for n in front:
         link = f"../trials/{n}/features/index.html"
         assert html.count(f'href="{link}"') == 3  # the front list, the point and its label in the SVG
         assert (page.parent / link).resolve().is_file()
     assert 'id="frontier-links"' in html
-    assert write_report(sweep, progress=False, features=False).read_text().count("features</a>") == 0
+    other = tmp_path / "copy"
+    shutil.copytree(gpt2_sweep, other, ignore=shutil.ignore_patterns("report", "features"))
+    assert write_report(other, progress=False, features=False).read_text().count("features</a>") == 0
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _chromium(url: str, profile: Path, *args: str) -> str:
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--window-size=1200,1500", *args, url]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_chromium_renders_the_report_and_a_feature_page_from_disk(gpt2_sweep, tmp_path):
+    """A real browser opens the files from disk (no server): the DOM holds the table, the linked
+    frontier and the shaded contexts, and the screenshots show them (orange shading on the page)."""
+    import matplotlib.image
+
+    report = (gpt2_sweep / "report" / "index.html").resolve()
+    dom = _chromium(report.as_uri(), tmp_path / "profile", "--dump-dom")
+    assert "<table>" in dom and dom.count("<tr") >= 3 and 'id="frontier-links"' in dom
+    link = re.search(r'href="(\.\./trials/\d+/features/index\.html)"', dom).group(1)
+    index = (report.parent / link).resolve()
+    s = json.loads((index.parent / "features.json").read_text())
+    latent = s["latents"][0]
+    page = index.parent / latent_file(latent["latent"])
+    dom = _chromium(page.as_uri(), tmp_path / "profile", "--dump-dom")
+    assert dom.count('class="ctx"') == len(latent["top"]) + len(latent["random"])
+    assert "Top activations" in dom and "promotes:" in dom
+    shots = {}
+    for name, url in (("report", report), ("latent", page)):
+        shot = tmp_path / f"{name}.png"
+        _chromium(url.as_uri(), tmp_path / "profile", f"--screenshot={shot}")
+        shots[name] = matplotlib.image.imread(shot)[..., :3]
+    assert shots["report"].std() > 0.05  # not a blank page
+    r, g, b = (shots["latent"][..., i] for i in range(3))
+    shaded = (r > 0.9) & (g > 0.5) & (g < 0.85) & (b < 0.6)  # the contexts' orange
+    assert shaded.sum() > 200
