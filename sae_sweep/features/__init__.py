@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sae_sweep import rundir
+from sae_sweep.checks import check_device, resolve_device
 from sae_sweep.errors import ConfigError, DataError
 from sae_sweep.features.page import context_html, write_pages
 from sae_sweep.features.scan import ScanResult, encode, read_window, scan, shard_name
@@ -74,6 +75,7 @@ def parse_args(argv: list[str]) -> tuple[Path, FeaturesConfig]:
     for key in ("extremes", "random_contexts", "before", "after", "logits"):
         if getattr(cfg, key) < 0:
             raise ConfigError(key, getattr(cfg, key), "an integer >= 0")
+    check_device(cfg.device)
     return Path(argv[0]), cfg
 
 
@@ -91,9 +93,7 @@ def _open_run(run_dir: Path, device: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def select_latents(density: torch.Tensor, limit: int, extremes: int, seed: int) -> list[int]:

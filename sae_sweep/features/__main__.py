@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from sae_sweep.checks import field_docs
 from sae_sweep.errors import SaeSweepError
 from sae_sweep.features import FeaturesConfig, build_features, parse_args
 
@@ -18,9 +19,7 @@ keys:
 
 def main(argv: list[str]) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
-        from sae_sweep.config import _field_comments
-
-        print(USAGE + "\n".join(f"  {k:<16} {v}" for k, v in _field_comments(FeaturesConfig).items()))
+        print(USAGE + "\n".join(f"  {k:<16} {v}" for k, v in field_docs(FeaturesConfig).items()))
         return 0
     try:
         run_dir, cfg = parse_args(argv)

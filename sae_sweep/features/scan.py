@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from sae_sweep.data.shards import ActivationDataset, Span, first_rows
+from sae_sweep.models.base import SAE
 
 # Activation histograms: log10 of positive activations in fixed bins, so pages and runs compare.
 HIST_LO, HIST_HI, HIST_BINS = -3.0, 4.0, 56
@@ -43,13 +43,13 @@ class ScanResult:
         return j, row - int(self.offsets[j])
 
 
-def encode(sae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return sae.encode(x.to(next(sae.parameters()).device)).float().cpu()
 
 
 def scan(
-    sae: nn.Module,
+    sae: SAE,
     ds: ActivationDataset,
     *,
     max_tokens: int,

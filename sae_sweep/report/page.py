@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -62,7 +62,11 @@ def best_line(df: pd.DataFrame, min_ev: float = 0.9) -> str:
 
 def _front(df: pd.DataFrame) -> pd.DataFrame:
     front = completed(df)
-    return front[front["pareto"]].sort_values(["sweep", "l0"])
+    return cast(pd.DataFrame, front[front["pareto"]]).sort_values(by=["sweep", "l0"])
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{str(k): v for k, v in row.items()} for row in df.to_dict("records")]
 
 
 def _lm_part(row: Any) -> str:
@@ -75,7 +79,7 @@ def _lm_part(row: Any) -> str:
 def front_lines(df: pd.DataFrame) -> list[str]:
     front = _front(df)
     swept = swept_params(df)
-    several = df["sweep"].nunique() > 1
+    several = bool(df["sweep"].nunique() > 1)
     return [
         f"{row['sweep'] + ' ' if several else ''}#{row['trial']} {settings_label(row, swept)}: "
         f"L0 {row['l0']:.3g}, explained variance {row['explained_variance']:.4f}, "
@@ -95,7 +99,7 @@ def build_browsers(df: pd.DataFrame, report_dir: Path, features: Any) -> dict[tu
 
     cfg = features if isinstance(features, FeaturesConfig) else FeaturesConfig(progress=False)
     links = {}
-    for _, row in _front(df).iterrows():
+    for row in _records(_front(df)):
         run_dir = row.get("run_dir")
         if not isinstance(run_dir, str) or not (Path(run_dir) / "sae.safetensors").is_file():
             continue
@@ -121,18 +125,19 @@ def frontier_svg(
     points = completed(df)
     if points.empty:
         return ""
-    lx, ly = points["l0"].map(math.log10), points["fvu"].map(math.log10)
+    lx = [math.log10(v) for v in points["l0"]]
+    ly = [math.log10(v) for v in points["fvu"]]
     pad = 40
 
     def xy(l0: float, fvu: float) -> tuple[float, float]:
-        fx = (math.log10(l0) - lx.min()) / ((lx.max() - lx.min()) or 1)
-        fy = (math.log10(fvu) - ly.min()) / ((ly.max() - ly.min()) or 1)
+        fx = (math.log10(l0) - min(lx)) / ((max(lx) - min(lx)) or 1)
+        fy = (math.log10(fvu) - min(ly)) / ((max(ly) - min(ly)) or 1)
         return pad + fx * (width - 2 * pad), height - pad - fy * (height - 2 * pad)
 
     front = _front(df)
-    line = " ".join("{:.1f},{:.1f}".format(*xy(r["l0"], r["fvu"])) for _, r in front.iterrows())
+    line = " ".join("{:.1f},{:.1f}".format(*xy(r["l0"], r["fvu"])) for r in _records(front))
     parts = [f'<polyline points="{line}" fill="none" stroke="black" stroke-width="1.2"/>']
-    for _, r in points.iterrows():
+    for r in _records(points):
         x, y = xy(r["l0"], r["fvu"])
         tip = f"#{r['trial']}: L0 {r['l0']:.3g}, FVU {r['fvu']:.4f}"
         link = links.get((r["sweep"], int(r["trial"])))
@@ -217,7 +222,7 @@ def render_page(
 
 
 def _front_keys(df: pd.DataFrame) -> list[tuple[str, int]]:
-    return [(r["sweep"], int(r["trial"])) for _, r in _front(df).iterrows()]
+    return [(str(r["sweep"]), int(r["trial"])) for r in _records(_front(df))]
 
 
 def _link(links: dict[tuple[str, int], str], key: tuple[str, int]) -> str:
