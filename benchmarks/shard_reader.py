@@ -7,6 +7,8 @@ whole training epochs through `ActivationDataset.train_batches`. The first pass 
 both passes are normally served from the page cache; the second is the figure to quote. Peak memory is
 the resident high-water mark (VmHWM) above the resident size before streaming: the design bound is two
 buffers (the one served, the one being read) plus two batches (the caller's last one and the next).
+`--provenance` also writes each shard's token provenance (tokens/shard_NNNN.npy, int32 [rows, 3], as
+`python -m sae_sweep.harvest` does), to show that it costs the training reader nothing.
 """
 
 from __future__ import annotations
@@ -41,12 +43,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def write_shards(folder: Path, total_bytes: int, d_in: int, shard_tokens: int, seed: int = 0) -> int:
+def write_shards(
+    folder: Path, total_bytes: int, d_in: int, shard_tokens: int, seed: int = 0, provenance: bool = False
+) -> int:
     """Random float32 shards filled piecewise through a memmap (never the whole array in RAM)."""
     rng = np.random.default_rng(seed)
     tokens = total_bytes // (4 * d_in)
     for i, start in enumerate(range(0, tokens, shard_tokens)):
         n = min(shard_tokens, tokens - start)
+        if provenance:
+            (folder / "tokens").mkdir(exist_ok=True)
+            rows = np.stack([np.zeros(n), np.arange(n), rng.integers(0, 49152, n)], 1).astype(np.int32)
+            np.save(folder / "tokens" / f"shard_{i:04d}.npy", rows)
         arr = np.lib.format.open_memmap(
             folder / f"shard_{i:04d}.npy", mode="w+", dtype=np.float32, shape=(n, d_in)
         )
@@ -83,12 +91,15 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="data.chunk_tokens")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--passes", type=int, default=2, help="epochs streamed (the last is page-cache warm)")
+    parser.add_argument("--provenance", action="store_true", help="also write token provenance files")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="sae-shard-bench-") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
-        tokens = write_shards(folder, int(args.gb * 2**30), args.d_in, args.shard_tokens)
+        tokens = write_shards(
+            folder, int(args.gb * 2**30), args.d_in, args.shard_tokens, provenance=args.provenance
+        )
         print(
             json.dumps(
                 {
@@ -97,6 +108,7 @@ def main() -> None:
                     "tokens": tokens,
                     "d_in": args.d_in,
                     "shards": len(list(folder.glob("*.npy"))),
+                    "provenance": args.provenance,
                     "seconds": round(time.perf_counter() - start, 2),
                 }
             ),

@@ -163,11 +163,12 @@ class LMEvalConfig:
     enabled: bool = False  # compute ce_loss_score and delta_lm_loss (causal LMs only; costs LM forwards)
     # a harvest folder whose manifest.json names the model, layer, hook and text; null = the run's data.path
     harvest: str | None = None
-    model: str | None = None  # override the manifest's model (a local folder or a cached name)
+    model: str | None = None  # override the manifest's model (a local folder, a .gguf file or a cached name)
     layer: int | None = None  # override the manifest's layer
     hook: str | None = None  # override the manifest's hook: resid_post | mlp_out | attn_out
     text: str | None = None  # override the manifest's text; its held-out documents are used
-    tokens: int = 16_384  # held-out tokens whose next-token loss is averaged
+    # held-out tokens whose next-token loss is averaged (the cost per trial grows with it; README "LM loss")
+    tokens: int = 4096
     batch_size: int = 8  # sequences per forward pass
     device: str = "auto"  # auto | cpu | cuda: where the language model runs
 

@@ -261,3 +261,20 @@ def test_chromium_renders_the_report_and_a_feature_page_from_disk(gpt2_sweep, tm
     r, g, b = (shots["latent"][..., i] for i in range(3))
     shaded = (r > 0.9) & (g > 0.5) & (g < 0.85) & (b < 0.6)  # the contexts' orange
     assert shaded.sum() > 200
+
+
+def test_the_notebook_shows_a_latents_contexts_as_the_pages_do(gpt2_sweep, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "explore_sweep.ipynb"
+    monkeypatch.setenv("SAE_SWEEP_DIR", str(gpt2_sweep))
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
+    ).execute()
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    shown = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
+    contexts = [h for h in shown if 'class="ctx"' in h]
+    assert len(contexts) == 1 and contexts[0].count('class="c"') >= FAST.top_contexts
