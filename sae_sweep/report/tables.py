@@ -34,6 +34,7 @@ HEADLINE: tuple[tuple[str, str, Formatter], ...] = (
     ("l1", "L1", _sig(4)),
     ("explained_variance", "expl. var.", _fixed(4)),
     ("mcc", "MCC", _fixed(3)),  # only on data with ground truth
+    ("ce_loss_score", "CE score", _fixed(3)),  # only with eval.lm (the LM's loss with the SAE spliced in)
 )
 PARETO_MARK = "★"
 MISSING = "–"
@@ -73,7 +74,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         continued |= df["retried_by"].notna()  # a failed attempt retried by a later trial, likewise
     df = df[~continued]
     data = df.assign(alive_pct=100 * df["alive_frac"], dead_pct=100 * df["dead_frac"])
-    optional = {"mcc"}  # shown only where the data has ground truth
+    optional = {"mcc", "ce_loss_score"}  # shown only where the data has ground truth / eval.lm ran
     metrics = [
         name for name, _, _ in HEADLINE if name in data and (name not in optional or data[name].notna().any())
     ]
