@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values (DESIGN section 5); expected numbers are worked out in comments."""
+"""Metrics against hand-computed values (README "Outputs" defines them); numbers worked out in comments."""
 
 import io
 import math

@@ -1,4 +1,4 @@
-"""Synthetic activations with known ground truth (DESIGN section 7): the built-in default data set.
+"""Synthetic activations with known ground truth: the built-in default data set (README "The built-in data").
 
 Each token is x = sum_i a_i f_i + bias + noise over n_features unit directions f_i in d_in dims
 (superposition: n_features >> d_in). Feature i fires with a Zipf-like marginal probability p_i,

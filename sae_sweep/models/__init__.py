@@ -57,7 +57,8 @@ def build_sae(
 
 
 def save_sae(sae: SAE, path: Path, scale_factor: float, raw_mean_norm: float) -> None:
-    """Write sae.safetensors in the plain form that applies to raw activations (DESIGN section 4)."""
+    """Write sae.safetensors in the plain form that applies to raw activations: the input scale factor
+    is folded into the weights, so `load_sae(path).encode(x_raw)` needs no scaling."""
     metadata = {
         "format_version": FORMAT_VERSION,
         "architecture": sae.architecture,

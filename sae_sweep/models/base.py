@@ -44,7 +44,7 @@ def dense_output(x_BD: Tensor, x_hat_BD: Tensor, f_BH: Tensor, sparsity: Tensor,
 
 
 def mse_per_token(x: Tensor, x_hat: Tensor) -> Tensor:
-    """||x - x_hat||^2 summed over dims, averaged over tokens (DESIGN section 5)."""
+    """||x - x_hat||^2 summed over dims, averaged over tokens (the `mse` of metrics.json)."""
     return (x - x_hat).float().pow(2).sum(-1).mean()
 
 

@@ -1,4 +1,4 @@
-"""One DataFrame from one or more sweep directories (DESIGN section 4).
+"""One DataFrame from one or more sweep directories: one row per trial (run directory).
 
 The trial directories are the source of truth (config.yaml flattened + metrics.json); the Optuna
 study, when the sweep directory holds its storage, adds each trial's state, params and duration, and
@@ -73,7 +73,7 @@ STATE_STATUS = {
 RDB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 JOURNAL_SUFFIXES = (".journal", ".log")
 COMPLETED = "completed"
-# The keys of a metrics.json (section 5 plus the trainer's run facts): what a study's user attrs may fill.
+# The keys of a metrics.json (held-out metrics, run facts): what a study's user attrs may fill.
 RECORD_KEYS = {
     *METRICS,
     *TRAIN_ROW_KEYS,
@@ -211,7 +211,7 @@ def _resolve_defaults(row: dict[str, Any]) -> None:
 
 
 def read_run_dir(run_dir: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One row from a run directory: its flattened config, metrics and status (see DESIGN section 4).
+    """One row from a run directory (sae_sweep.rundir): its flattened config, metrics and status.
 
     A directory without metrics.json is a run in progress ("running" when it has a checkpoint to
     resume from) or one that died before its first checkpoint ("started").
