@@ -8,7 +8,10 @@ and PackInterrupted a Ctrl-C / SIGTERM that left checkpoints to resume from.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the type only: rundir imports this module
+    from sae_sweep.rundir import Metrics
 
 
 class SaeSweepError(Exception):
@@ -61,6 +64,6 @@ class PackInterrupted(KeyboardInterrupt):
     in the configs: metrics, or the exception that stopped them); every other member wrote its checkpoint
     and resumes from it."""
 
-    def __init__(self, outcomes: Mapping[int, Mapping[str, Any] | BaseException]) -> None:
+    def __init__(self, outcomes: Mapping[int, Metrics | BaseException]) -> None:
         super().__init__()
         self.outcomes = outcomes

@@ -24,7 +24,7 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, TypedDict, cast
+from typing import IO, Any, TypedDict
 
 from omegaconf import OmegaConf
 
@@ -40,12 +40,23 @@ DENSITY = "density.json"
 TEMP_SUFFIX = ".tmp"
 
 
-class Metrics(TypedDict, total=False):
-    """metrics.json: what `train` returns. A completed run has the held-out metrics and the run facts;
-    a stopped one (diverged, collapsed, pruned) its `status`, `reason` and last curves.csv row."""
+class _MetricsIfMeasured(TypedDict, total=False):
+    mcc: float  # synthetic data: mean |cos| of true features and their matched latents
+    f1: float  # synthetic data: mean F1 of matched latents as detectors of their features
+    # eval.lm enabled: a causal LM with the SAE spliced in
+    ce_loss_score: float
+    delta_lm_loss: float
+    ce_loss_clean: float
+    ce_loss_sae: float
+    ce_loss_zero_ablation: float
+    lm_eval_tokens: int
 
-    status: str  # completed | diverged | collapsed | pruned
-    reason: str  # why a stopped run stopped
+
+class Metrics(_MetricsIfMeasured):
+    """metrics.json of a completed run: what `train` returns (a run that stops early raises RunStopped;
+    its metrics.json then holds `status`, `reason` and its last curves.csv row instead)."""
+
+    status: str  # completed
     # held-out evaluation (evaluate_sae), in the run's scaled units
     mse: float
     fvu: float  # fraction of variance unexplained = 1 - explained_variance
@@ -57,16 +68,7 @@ class Metrics(TypedDict, total=False):
     pct_active_batch: float
     dense_frac: float  # share of latents firing on more than 10% of tokens
     n_eval_tokens: int
-    mcc: float  # synthetic data: mean |cos| of true features and their matched latents
-    f1: float  # synthetic data: mean F1 of matched latents as detectors of their features
     loss: float  # mse + l1_lambda * sparsity at the final coefficient
-    # eval.lm (a causal LM with the SAE spliced in)
-    ce_loss_score: float
-    delta_lm_loss: float
-    ce_loss_clean: float
-    ce_loss_sae: float
-    ce_loss_zero_ablation: float
-    lm_eval_tokens: int
     # run facts
     dead_frac: float
     alive_frac: float
@@ -85,8 +87,6 @@ class Metrics(TypedDict, total=False):
     batch_size: int
     scale_factor: float
     raw_mean_norm: float
-    # a stopped run's last curves.csv row also has these (training-batch values)
-    step: int
 
 
 # Settings that may change between the interrupted and the resuming command.
@@ -177,9 +177,10 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def read_metrics(run_dir: str | Path) -> Metrics | None:
-    """metrics.json of a run directory, or None while there is none (running, never started, unreadable)."""
-    return cast("Metrics | None", read_json(Path(run_dir) / METRICS))
+def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """metrics.json of a run directory (Metrics when its status is completed), or None while there is
+    none (running, never started, unreadable)."""
+    return read_json(Path(run_dir) / METRICS)
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 # The Triton kernels' tests run them on CPU tensors through Triton's interpreter, which must be chosen
 # before triton is first imported (its own library functions are decorated then).
@@ -27,9 +28,9 @@ def make_cfg(data_root, tmp_path):
 
     def _make(model: str = "relu", k: int | None = None, data: dict | None = None, **top):
         data_kw = {**SMALL_DATA, "path": str(data_root), **(data or {})}
-        train_kw = dict(progress=False, log_every_tokens=8192, dead_window=100_000)
+        train_kw: dict[str, Any] = dict(progress=False, log_every_tokens=8192, dead_window=100_000)
         train_kw.update(top.pop("train", {}))
-        base = dict(
+        base: dict[str, Any] = dict(
             batch_size=512,
             hidden_dim=128,
             tokens=400_000,

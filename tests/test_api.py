@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from omegaconf import OmegaConf
@@ -29,7 +31,7 @@ SMALL = [
 WALL_CLOCK = ("tokens_per_s", "train_seconds")  # the only values that may differ between two runs
 
 
-def _without(d: dict, keys) -> dict:
+def _without(d: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
 
 
@@ -54,7 +56,7 @@ def test_compose_config_and_train_give_the_cli_run(tmp_path, data_root, monkeypa
     cli_metrics = json.loads((cli_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert _without(metrics, WALL_CLOCK) == _without(cli_metrics, WALL_CLOCK)
-    saved = [OmegaConf.to_container(OmegaConf.load(d / "config.yaml")) for d in (cli_dir, py_dir)]
+    saved = [cast(dict, OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))) for d in (cli_dir, py_dir)]
     assert saved[1]["out_dir"] == str(py_dir)
     assert _without(saved[0], ["out_dir"]) == _without(saved[1], ["out_dir"])
 

@@ -10,7 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from sae_sweep.errors import ConfigError, RunStopped, TrainingDiverged
+from sae_sweep.rundir import Metrics
 from sae_sweep.train import train
+from sae_sweep.train.loop import Outcome
 from sae_sweep.train.pack import train_pack
 from sae_sweep.train.trainer import Trainer
 
@@ -30,6 +32,13 @@ def _cfgs(make_cfg, root: Path, members=MEMBERS, **common):
         make_cfg(**{"tokens": 100_000, **common, **m, "out_dir": str(root / f"m{i}")})
         for i, m in enumerate(members)
     ]
+
+
+def _completed(outcomes: list[Outcome]) -> list[Metrics]:
+    """The outcomes as metrics, failing the test on any that is an exception."""
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert not errors, errors
+    return [o for o in outcomes if not isinstance(o, BaseException)]
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -54,8 +63,8 @@ def test_each_member_of_a_pack_gets_exactly_its_solo_result(make_cfg, tmp_path):
     for cfg in solo:
         train(cfg)
     packed = _cfgs(make_cfg, tmp_path / "packed")
-    outcomes = train_pack(packed)
-    assert all(isinstance(o, dict) and o["status"] == "completed" for o in outcomes)
+    outcomes = _completed(train_pack(packed))
+    assert all(o["status"] == "completed" for o in outcomes)
     assert outcomes[3]["tokens"] < outcomes[0]["tokens"]  # the shorter budget finished early
     for a, b in zip(solo, packed, strict=True):
         _same_run(Path(a.out_dir), Path(b.out_dir))
@@ -73,7 +82,7 @@ def test_a_stopped_member_does_not_stop_the_others(make_cfg, tmp_path):
             raise RunStopped("pruned", "worse than the median")
 
     outcomes = train_pack(cfgs, [None, None, prune_late, None])
-    assert outcomes[0]["status"] == "completed"
+    assert _completed(outcomes[:1])[0]["status"] == "completed"
     assert isinstance(outcomes[1], TrainingDiverged)
     assert isinstance(outcomes[2], RunStopped) and outcomes[2].status == "pruned"
     assert isinstance(outcomes[3], ConfigError) and "model.k" in str(outcomes[3])
@@ -106,7 +115,7 @@ def test_an_interrupted_pack_resumes_every_member(make_cfg, tmp_path, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             train_pack(packed)
     assert all((Path(c.out_dir) / "checkpoint.pt").is_file() for c in packed)
-    outcomes = train_pack(packed)
+    outcomes = _completed(train_pack(packed))
     resumed = [o["resumed_from_tokens"] for o in outcomes]
     # members step through a window of batches in turn, so they stop at different points
     assert all(0 < r < o["tokens"] for r, o in zip(resumed, outcomes, strict=True))
@@ -125,7 +134,7 @@ def test_members_resumed_at_different_points_share_the_rest_of_the_stream(make_c
         with pytest.raises(KeyboardInterrupt):
             train(cfgs[0])
     done = train(cfgs[2])
-    outcomes = train_pack(cfgs)
+    outcomes = _completed(train_pack(cfgs))
     assert outcomes[0]["resumed_from_tokens"] == 40 * 512
     assert outcomes[1]["resumed_from_tokens"] == 0
     assert outcomes[2] == json.loads(json.dumps(done))  # not trained again

@@ -9,13 +9,16 @@ latents to true features (mcc) and scores each matched latent as a detector of i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from sae_sweep.data.shards import ActivationDataset
 from sae_sweep.metrics import EvalAccumulator, F1Accumulator, match_features, mcc_of_matches
 from sae_sweep.models import SAE
+
+if TYPE_CHECKING:
+    from sae_sweep.data.synthetic import GroundTruth
 
 
 @dataclass
@@ -45,7 +48,7 @@ def evaluate_sae(
     was_training = sae.training
     sae.eval()
     acc = EvalAccumulator(sae.hidden, device)
-    truth = dataset.ground_truth
+    truth = cast("GroundTruth | None", dataset.ground_truth)
     f1_acc = None
     metrics: dict[str, float] = {}
     if truth is not None:
@@ -59,7 +62,7 @@ def evaluate_sae(
         f = sae.encode(x)
         acc.update(x, sae.decode(f), f, dec_norms)
         if f1_acc is not None:
-            f1_acc.update(f, active.to(device))
+            f1_acc.update(f, cast(torch.Tensor, active).to(device))
     metrics.update(acc.compute())
     latents: dict[str, list[Any]] = {}
     if f1_acc is not None:

@@ -93,7 +93,7 @@ class Trainer:
         if finished is not None and not (run_dir / rundir.CHECKPOINT).is_file():
             if finished.get("status") == "completed":
                 log.info("run in %s already finished; nothing to do", run_dir)
-                return finished
+                return cast(Metrics, finished)
             if finished.get("status") in ("diverged", "collapsed", "pruned"):
                 raise RunStopped(
                     finished["status"], finished.get("reason", "") + f" (earlier run in {run_dir})"
