@@ -41,6 +41,7 @@ TEMP_SUFFIX = ".tmp"
 
 
 class _MetricsIfMeasured(TypedDict, total=False):
+    reason: str  # why a run that trained to the end is no result (status collapsed: held-out fvu >= 1)
     mcc: float  # synthetic data: mean |cos| of true features and their matched latents
     f1: float  # synthetic data: mean F1 of matched latents as detectors of their features
     # eval.lm enabled: a causal LM with the SAE spliced in
@@ -56,7 +57,7 @@ class Metrics(_MetricsIfMeasured):
     """metrics.json of a completed run: what `train` returns (a run that stops early raises RunStopped;
     its metrics.json then holds `status`, `reason` and its last curves.csv row instead)."""
 
-    status: str  # completed
+    status: str  # completed (collapsed in a pack's outcome when held-out fvu >= 1; train raises then)
     # held-out evaluation (evaluate_sae), in the run's scaled units
     mse: float
     fvu: float  # fraction of variance unexplained = 1 - explained_variance

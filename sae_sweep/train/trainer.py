@@ -398,5 +398,5 @@ def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> Metrics:
     if isinstance(outcome, BaseException):
         raise outcome
     if outcome.get("status") == "collapsed":  # evaluated, but FVU >= 1
-        raise TrainingCollapsed(outcome["reason"])
+        raise TrainingCollapsed(outcome.get("reason", ""))
     return outcome
