@@ -116,7 +116,11 @@ def check_overrides(argv: list[str]) -> str | None:
     is several lines and lists none of the allowed keys)."""
     if any(a.split("=", 1)[0] in _OWN_CONFIG_FLAGS for a in argv):
         return None
-    overrides = [a for a in argv if "=" in a and not a.startswith("-") and not a.startswith("hydra.")]
+
+    def kept(arg: str) -> bool:  # hydra.searchpath adds the user's own groups: the check must see them
+        return not arg.startswith("hydra.") or arg.startswith("hydra.searchpath=")
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") and kept(a)]
     try:
         with Composer() as composer:
             composer.compose(overrides)
