@@ -201,7 +201,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)  # used by `-m` sweeps only
 
 
-# Recipe defaults that depend on the architecture (DESIGN.md section 6).
+# Recipe defaults that depend on the architecture (README "What the notes' collapse was, and the defaults").
 DEFAULT_L1_LAMBDA = {"relu": 5.0, "jumprelu": 1.0}
 DEFAULT_DEC_INIT_NORM = {"relu": 0.1, "jumprelu": 1.0}
 

@@ -1,4 +1,4 @@
-"""Evaluation and training metrics with the fixed definitions of DESIGN section 5.
+"""Evaluation and training metrics, with the fixed definitions the README's "Outputs" lists.
 
 Shapes: B tokens, D = d_in, H = hidden latents, N = true features (synthetic data).
 Streaming accumulators keep their sums on the tensors' device and never call `.item()` in
@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-# A latent is "dense" when it fires on more than this share of tokens (DESIGN section 5).
+# A latent is "dense" when it fires on more than this share of tokens.
 DENSE_THRESHOLD = 0.1
 # Total variance at or below this share of sum ||x||^2 is float64 round-off of a constant x: fvu -> nan.
 _ZERO_VARIANCE_RTOL = 1e-12

@@ -32,7 +32,7 @@ def build_sae(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> SAE:
-    """The architecture named by model_cfg.name, initialised as its recipe says (DESIGN section 6);
+    """The architecture named by model_cfg.name, initialised as its recipe says;
     `device` (where it will train) decides what `model.kernels=auto` runs."""
     name = model_cfg.name
     dec_init_norm = model_cfg.dec_init_norm or DEFAULT_DEC_INIT_NORM.get(name, 1.0)

@@ -22,7 +22,7 @@ from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
 from sae_sweep.sweep.queue import IDENTITY_ATTR  # where a study records its objectives
 
-# DESIGN section 5, in its order: the held-out metrics of a completed run.
+# The held-out metrics of a completed run, in the order the README lists them.
 METRICS = (
     "mse",
     "fvu",

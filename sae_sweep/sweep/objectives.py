@@ -15,7 +15,7 @@ from typing import Any
 from sae_sweep.errors import ConfigError
 
 MINIMIZE, MAXIMIZE = "minimize", "maximize"
-# Metrics with a natural direction (DESIGN section 5); others need "name:direction".
+# Metrics with a natural direction; others need "name:direction".
 DIRECTIONS = {
     "fvu": MINIMIZE,
     "mse": MINIMIZE,
