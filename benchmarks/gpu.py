@@ -32,8 +32,7 @@ from typing import Any
 
 import torch
 
-from sae_sweep.config import ModelConfig
-from sae_sweep.models import build_sae
+from sae_sweep.models import build_sae, model_config
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -84,7 +83,7 @@ def timed(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int =
 def train_step_fn(arch: str, d_in: int, hidden: int, batch: int, device: torch.device, **model: Any):
     """One full training step (forward, backward, clip, Adam, the architecture's hooks) on a fixed batch,
     bf16 autocast on CUDA as the trainer runs it."""
-    cfg = ModelConfig(name=arch, **model)
+    cfg = model_config(arch, **model)
     sae = build_sae(cfg, d_in, hidden, torch.Generator().manual_seed(0), device).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device.type == "cuda")
     x = torch.randn(batch, d_in, device=device) * 2

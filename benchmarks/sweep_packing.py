@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_sweep.config import ModelConfig
-from sae_sweep.models import build_sae
+from sae_sweep.models import build_sae, model_config
 from sae_sweep.sweep import driver
 
 
@@ -82,8 +81,7 @@ def stacked_vs_sequential(args: argparse.Namespace, device: torch.device) -> lis
     n, d, h, b = args.trials, args.d_in, args.hidden, args.batch
     x = torch.randn(b, d, device=device)
     saes = [
-        build_sae(ModelConfig(name="relu"), d, h, torch.Generator().manual_seed(i)).to(device)
-        for i in range(n)
+        build_sae(model_config("relu"), d, h, torch.Generator().manual_seed(i)).to(device) for i in range(n)
     ]
     opts = [torch.optim.Adam(s.parameters(), lr=1e-4) for s in saes]
 

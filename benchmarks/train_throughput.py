@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sae_sweep.config import ModelConfig
-from sae_sweep.models import build_sae
+from sae_sweep.models import architecture, build_sae, model_config
 
 TOPK_FAMILY = ("topk", "batchtopk")
 
@@ -80,7 +79,8 @@ def in_loop_tokens_s(arch: str, batch: int, d_in: int, hidden: int, k: int, step
 
 def step_time(arch: str, sparse: bool, batch: int, d_in: int, hidden: int, k: int, steps: int) -> float:
     """Seconds per full training step (forward, backward, clip, Adam, hooks) after one warm-up step."""
-    cfg = ModelConfig(name=arch, k=k if arch in TOPK_FAMILY else None, sparse_kernels=sparse)
+    topk_keys = {"k": k, "sparse_kernels": sparse} if architecture(arch).family == "topk" else {}
+    cfg = model_config(arch, **topk_keys)
     sae = build_sae(cfg, d_in, hidden, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(batch, d_in) * 2

@@ -53,5 +53,9 @@ if __name__ == "__main__":
     if problem:
         print(problem, file=sys.stderr)
         sys.exit(2)
-    register_configs()
+    try:
+        register_configs()  # loads the architectures of installed packages (entry points)
+    except SaeSweepError as err:
+        print(f"sae_sweep: error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -9,7 +9,6 @@ trainer's `check_config` runs both.)
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,34 +19,20 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sae_sweep.checks import check_device, field_docs, fraction, one_of, positive, resolve_device
 from sae_sweep.errors import ConfigError
+from sae_sweep.models.base import ModelConfig
+from sae_sweep.models.registry import (
+    architecture,
+    architectures,
+    config_fields,
+    load_plugins,
+    resolve_model_config,
+)
+from sae_sweep.rundir import RESUME_IGNORED_KEYS
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
-TOPK_FAMILY = ("topk", "batchtopk")
-# Architectures whose loss has a sparsity coefficient (`l1_lambda`): L1 for relu, L0 for jumprelu.
-USES_SPARSITY_COEF = ("relu", "jumprelu")
+__all__ = ["ModelConfig"]  # re-exported: `model.*` schemas live with their architectures (sae_sweep.models)
+
 DATA_KINDS = ("synthetic", "shards")
-KERNELS = ("auto", "torch", "triton")  # model.kernels (sae_sweep/models/kernels)
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass
-class ModelConfig:
-    name: str = "relu"  # architecture: relu | topk | batchtopk | jumprelu
-    k: int | None = None  # topk/batchtopk: latents kept per token (the target L0); unused otherwise
-    aux_k_coef: float = 1 / 32  # topk/batchtopk: weight of the AuxK loss on dead latents (Gao et al.)
-    aux_k: int | None = None  # topk/batchtopk: dead latents used by AuxK; null = d_in / 2
-    aux_dead_tokens: int = 1_000_000  # topk/batchtopk: a latent silent this many tokens feeds AuxK
-    # relu/jumprelu: norm of the initial decoder rows; null = 0.1 for relu (April-2024 recipe), 1 for
-    # jumprelu (its pre-activations must start near the threshold for the estimator to see them)
-    dec_init_norm: float | None = None
-    jump_bandwidth: float = 0.5  # jumprelu: straight-through estimator bandwidth (normalised units)
-    jump_threshold_init: float = 0.5  # jumprelu: initial threshold of every latent (normalised units)
-    threshold_momentum: float = 0.99  # batchtopk: EMA momentum of the inference threshold
-    # topk/batchtopk: train through the selected latents only (false = the dense reference formulation)
-    sparse_kernels: bool = True
-    # topk/batchtopk sparse path: auto | torch | triton (Triton kernels need CUDA, or TRITON_INTERPRET=1
-    # on CPU); auto = torch until a GPU benchmark records Triton faster (models/kernels)
-    kernels: str = "auto"
 
 
 @dataclass
@@ -181,6 +166,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    # model=NAME selects an architecture; its keys are model.* (the architecture's config class)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -200,30 +186,16 @@ class Config:
     out_dir: str = MISSING  # run directory (set from hydra.run.dir by the CLI)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # used by `-m` sweeps only
 
-
-# Recipe defaults that depend on the architecture (README "What the notes' collapse was, and the defaults").
-DEFAULT_L1_LAMBDA = {"relu": 5.0, "jumprelu": 1.0}
-DEFAULT_DEC_INIT_NORM = {"relu": 0.1, "jumprelu": 1.0}
-
-
-def default_lr(arch: str, d_in: int, hidden: int) -> float:
-    """The learning rate used when `lr` is null.
-
-    TopK family: Gao et al.'s 2e-4 / sqrt(hidden / 2^14). relu/jumprelu: 1e-3 at d_in = 128, scaled
-    by 1/sqrt(d_in). Adam moves every weight by about lr per step while the initial weights are
-    ~0.1/sqrt(d_in), so this keeps the relative step the same at every width (at d_in = 3072 it is
-    2e-4). The April-2024 recipe's 5e-5 is tuned for billions of tokens; a sweep trial gets millions.
-    """
-    if arch in TOPK_FAMILY:
-        return 2e-4 / math.sqrt(hidden / 2**14)
-    return 1e-3 * math.sqrt(128 / d_in)
+    def __post_init__(self) -> None:
+        # Config() from Python gets the named architecture's keys and defaults, as model=NAME does.
+        if type(self.model) is ModelConfig:
+            self.model = resolve_model_config(self.model)
 
 
 def keys_help() -> str:
     """Every config key with its documentation, for `--help`."""
     sections = [
         ("", Config),
-        ("model.", ModelConfig),
         ("data.", DataConfig),
         ("optimizer.", OptimizerConfig),
         ("train.", TrainConfig),
@@ -236,7 +208,26 @@ def keys_help() -> str:
         for name, doc in field_docs(cls).items():
             if doc and name != "out_dir":
                 lines.append(f"  {prefix + name:<28} {doc}")
+        if prefix == "":
+            lines += _model_keys_help()
     return "\n".join(lines)
+
+
+def _model_keys_help() -> list[str]:
+    """`model.*` keys of every registered architecture, each with the architectures that have it."""
+    names = ", ".join(architectures())
+    rows: dict[tuple[str, str], list[str]] = {("name", f"architecture: {names} (model=NAME)"): []}
+    for name, cls in architectures().items():
+        for key, owner in config_fields(cls.config_class):
+            if key != "name":
+                rows.setdefault((key, field_docs(owner).get(key, "")), []).append(name)
+    lines = [
+        f"  {'model=' + name:<28} {cls.family} family; {cls.penalty}" for name, cls in architectures().items()
+    ]
+    return lines + [
+        f"  {'model.' + key:<28} {', '.join(archs) + ': ' if archs else ''}{doc}"
+        for (key, doc), archs in rows.items()
+    ]
 
 
 def resolve_recipe(
@@ -251,18 +242,16 @@ def resolve_recipe(
     """(hidden, l1_lambda, lr) a run uses when those keys are null; l1_lambda is None where unused.
 
     With `steps` (the optimizer steps the budget allows) a null lr is the budget-aware recipe value
-    (sae_sweep/recipe.py); without, the architecture's long-budget rule. `lr_scale` is not applied here.
+    (sae_sweep/recipe.py); without, the architecture's long-budget rule (its class's `default_lr`).
+    `lr_scale` is not applied here.
     """
     from sae_sweep.recipe import budget_lr
 
-    hidden = hidden_dim or 8 * d_in
-    coef = None
-    if arch in USES_SPARSITY_COEF:
-        coef = l1_lambda if l1_lambda is not None else DEFAULT_L1_LAMBDA[arch]
+    cls = architecture(arch)
+    hidden, coef, base = cls.recipe(d_in, hidden_dim, l1_lambda, None)
     if lr is not None:
         return hidden, coef, lr
-    base = default_lr(arch, d_in, hidden)
-    return hidden, coef, base if steps is None else budget_lr(base, arch, d_in, hidden, k, steps)
+    return hidden, coef, base if steps is None else budget_lr(base, cls.family, d_in, hidden, k, steps)
 
 
 def run_name(override_dirname: str) -> str:
@@ -273,54 +262,31 @@ def run_name(override_dirname: str) -> str:
 
 def register_configs() -> None:
     """The schema and the resolvers conf/config.yaml uses; before Hydra composes (CLI, compose_config)."""
-    # The schema of the whole tree, groups included: group yaml files only set values on it.
+    # The schema of the whole tree; the `model` group is one schema per registered architecture.
+    load_plugins()
     ConfigStore.instance().store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("sae_sweep_keys_help"):
         OmegaConf.register_new_resolver("sae_sweep_keys_help", keys_help)
     if not OmegaConf.has_resolver("sae_sweep_run_name"):
         OmegaConf.register_new_resolver("sae_sweep_run_name", run_name)
+    if not OmegaConf.has_resolver("sae_sweep_not_identity"):
+        # The keys left out of a run directory's name: the ones that are not a run's identity.
+        OmegaConf.register_new_resolver("sae_sweep_not_identity", lambda: list(RESUME_IGNORED_KEYS))
 
 
 def validate(cfg: Config | DictConfig) -> None:
     """Check every value against what is allowed, before any work; raise ConfigError on the first."""
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
-    one_of("model", m.name, ARCHITECTURES)
-    one_of("model.kernels", m.kernels, KERNELS)
+    model = resolve_model_config(m)  # ConfigError for an unknown architecture or key
     one_of("data", d.kind, DATA_KINDS)
     check_device(cfg.device)
-    if m.kernels == "triton":
-        from sae_sweep.models.kernels.choice import kernels_problem
-
-        problem = kernels_problem(m.kernels, resolve_device(cfg.device))
-        if problem is not None:
-            raise ConfigError("model.kernels", m.kernels, problem)
     if o.name != "adam":
         raise ConfigError("optimizer", o.name, "adam")
 
-    # Sparsity keys must mean something for the chosen architecture.
-    if m.name in TOPK_FAMILY:
-        if cfg.l1_lambda is not None:
-            raise ConfigError(
-                "l1_lambda",
-                cfg.l1_lambda,
-                f"nothing with model={m.name}: its sparsity is set by model.k (drop l1_lambda or use "
-                "model=relu or jumprelu)",
-            )
-        if m.k is None or m.k < 1:
-            raise ConfigError("model.k", m.k, f"a positive integer (latents per token) for model={m.name}")
-    else:
-        if m.k is not None:
-            raise ConfigError(
-                "model.k", m.k, f"nothing with model={m.name}: k is used by topk/batchtopk only"
-            )
-        if cfg.l1_lambda is not None and (not math.isfinite(cfg.l1_lambda) or cfg.l1_lambda < 0):
-            raise ConfigError("l1_lambda", cfg.l1_lambda, "a finite number >= 0 (0 = no sparsity penalty)")
-
-    if cfg.hidden_dim is not None:
-        if cfg.hidden_dim < 1:
-            raise ConfigError("hidden_dim", cfg.hidden_dim, "a positive integer (number of latents)")
-        if m.k is not None and m.k > cfg.hidden_dim:
-            raise ConfigError("model.k", m.k, f"at most hidden_dim ({cfg.hidden_dim})")
+    if cfg.hidden_dim is not None and cfg.hidden_dim < 1:
+        raise ConfigError("hidden_dim", cfg.hidden_dim, "a positive integer (number of latents)")
+    architecture(model.name).check_config(model, cfg.l1_lambda, cfg.hidden_dim)
+    architecture(model.name).check_device(model, resolve_device(cfg.device))
     positive("lr", cfg.lr, allow_none=True)
     positive("lr_scale", cfg.lr_scale)
     if cfg.lr is not None and cfg.lr_scale != 1:
@@ -331,15 +297,6 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError("tokens", cfg.tokens, "null when epochs is set: give one training budget")
     positive("tokens", cfg.tokens, allow_none=True)
     positive("epochs", cfg.epochs, allow_none=True)
-
-    positive("model.aux_k_coef", m.aux_k_coef) if m.aux_k_coef != 0 else None
-    if m.aux_k is not None and m.aux_k < 1:
-        raise ConfigError("model.aux_k", m.aux_k, "a positive integer or null (= d_in / 2)")
-    positive("model.aux_dead_tokens", m.aux_dead_tokens)
-    positive("model.dec_init_norm", m.dec_init_norm, allow_none=True)
-    positive("model.jump_bandwidth", m.jump_bandwidth)
-    positive("model.jump_threshold_init", m.jump_threshold_init)
-    fraction("model.threshold_momentum", m.threshold_momentum)
 
     if d.kind == "shards":
         if d.path is None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sae_sweep.models.registry import architecture
+
 __all__ = [
     "L1_NEGLIGIBLE",
     "LONG_BUDGET_STEPS",
@@ -37,10 +39,9 @@ L1_NEGLIGIBLE = 1e-2
 # it was measured (benchmarks/README.md, "Quality").
 LONG_BUDGET_STEPS = 80_000
 TOPK_LR_CAP = 1e-2
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
-def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, steps: int) -> float:
+def budget_lr(base_lr: float, family: str, d_in: int, hidden: int, k: int | None, steps: int) -> float:
     """The recipe lr for a run of `steps` optimizer steps, from the architecture's long-budget `base_lr`.
 
     TopK family: base_lr x sqrt(LONG_BUDGET_STEPS / steps), at least base_lr and at most TOPK_LR_CAP.
@@ -49,7 +50,7 @@ def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, 
     relu / jumprelu: base_lr unchanged (their rule, 1e-3 x sqrt(128 / d_in), is already a
     short-budget one). d_in, hidden and k enter through base_lr (k: not measured to matter).
     """
-    if arch not in TOPK_FAMILY:
+    if family != "topk":  # the architecture class's family (sae_sweep.models)
         return base_lr
     factor = max(1.0, (LONG_BUDGET_STEPS / max(1, steps)) ** 0.5)
     return max(base_lr, min(base_lr * factor, TOPK_LR_CAP))
@@ -81,7 +82,11 @@ def _round(value: float) -> str:
 def config_note(cfg: Any) -> str | None:
     """l1_lambda_note for a composed config, before any data is read (d_in from the synthetic keys or
     the first shard's header); None where it does not apply or d_in cannot be known yet."""
-    if cfg.model.name != "relu" or cfg.l1_lambda is None or not 0 < cfg.l1_lambda < L1_NEGLIGIBLE:
+    if (
+        architecture(cfg.model.name).sparsity_metric != "l1"
+        or cfg.l1_lambda is None
+        or not 0 < cfg.l1_lambda < L1_NEGLIGIBLE
+    ):
         return None
     d_in = cfg.data.d_in if cfg.data.kind == "synthetic" else None
     if d_in is None:

@@ -207,8 +207,22 @@ def comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def run_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """None if two configs are the same run, else their first difference ("lr was 0.001, now 0.01")."""
-    a, b = comparable(saved), comparable(current)
+    a, b = _shared_model_keys(comparable(saved), comparable(current))
     return None if a == b else _first_difference(a, b)
+
+
+def _shared_model_keys(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both configs with only the `model` keys they share, when they name the same architecture.
+
+    `model.*` is the architecture's own schema, so a key only one side has is one that architecture
+    does not read: e.g. a config.yaml written when every architecture's keys sat in one model schema.
+    """
+    ma, mb = a.get("model"), b.get("model")
+    if isinstance(ma, dict) and isinstance(mb, dict) and ma.get("name") == mb.get("name"):
+        shared = ma.keys() & mb.keys()
+        a = {**a, "model": {k: v for k, v in ma.items() if k in shared}}
+        b = {**b, "model": {k: v for k, v in mb.items() if k in shared}}
+    return a, b
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:

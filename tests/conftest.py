@@ -11,7 +11,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 from omegaconf import OmegaConf
 
-from sae_sweep.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from sae_sweep.config import Config, DataConfig, OptimizerConfig, TrainConfig
+from sae_sweep.models import model_config
 
 # Small enough for seconds per training on 2 cores, large enough to need real superposition.
 SMALL_DATA = dict(d_in=32, n_features=96, n_tokens=120_000, true_l0=3.0, chunk_tokens=1024)
@@ -40,7 +41,7 @@ def make_cfg(data_root, tmp_path):
         )
         base.update(top)
         cfg = Config(
-            model=ModelConfig(name=model, k=k),
+            model=model_config(model, k=k),
             data=DataConfig(**data_kw),
             optimizer=OptimizerConfig(),
             train=TrainConfig(**train_kw),

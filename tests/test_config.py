@@ -62,7 +62,12 @@ def test_l1_lambda_zero_is_legal():
         (["model=batchtopk", "l1_lambda=0"], "l1_lambda", "model.k"),
         (["model=topk", "model.k=64", "hidden_dim=32"], "model.k", "at most hidden_dim"),
         (["model=topk", "model.k=0"], "model.k", "positive"),
-        (["model.k=4"], "model.k", "topk/batchtopk only"),
+        (["+model.k=4"], "model.k", "a key of model=relu"),
+        (
+            ["model=matryoshka_batchtopk", "model.prefix_fractions=[0.5,0.25]"],
+            "model.prefix_fractions",
+            "increasing",
+        ),
         (["data=shards"], "data.path", "folder"),
         (["data=shards", "data.path=/no/such/dir"], "data.path", "existing folder"),
         (["batch_size=0"], "batch_size", "positive"),
@@ -106,6 +111,15 @@ def test_cli_missing_data_path_names_the_folder(tmp_path):
     assert "data.path" in res.stderr and "nope" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_cli_key_of_another_architecture_lists_the_chosen_ones(tmp_path):
+    res = cli(["model.k=4"], tmp_path)  # k is a topk key; relu's schema (model=relu) has none
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "'model.k'" in lines[0] and "keys of model: dec_init_norm, name" in lines[0]
+    res = cli(["model=topk", "model.jump_bandwidth=1"], tmp_path)
+    assert res.returncode == 2 and "keys of model: aux_dead_tokens, aux_k, aux_k_coef, k," in res.stderr
+
+
 def test_cli_unknown_model_lists_choices(tmp_path):
     res = cli(["model=gated"], tmp_path)
     assert res.returncode != 0
@@ -116,7 +130,9 @@ def test_cli_cfg_job_and_help(tmp_path):
     res = cli(["--cfg", "job", "l1_lambda=3"], tmp_path)
     assert res.returncode == 0 and "l1_lambda: 3" in res.stdout
     res = cli(["--help"], tmp_path)
-    assert res.returncode == 0 and "model: batchtopk, jumprelu, relu, topk" in res.stdout
+    assert (
+        res.returncode == 0 and "model: batchtopk, jumprelu, matryoshka_batchtopk, relu, topk" in res.stdout
+    )
 
 
 def _user_groups(root):

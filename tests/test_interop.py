@@ -9,13 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sae_sweep.config import ModelConfig
 from sae_sweep.errors import DataError
 from sae_sweep.interop.saelens import export_saelens, import_saelens, main
-from sae_sweep.models import build_sae, load_sae, save_sae
+from sae_sweep.models import build_sae, load_sae, model_config, save_sae
 
 D, H = 24, 72
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
 # What sae_lens 6.54.12 wrote for TopKSAE(...).save_model(): the layout import must read.
 SAELENS_TOPK_CFG = {
     "d_in": D, "d_sae": H, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
@@ -43,11 +42,11 @@ def harvest_dir(tmp_path) -> Path:
 
 def make_run(tmp_path: Path, arch: str, harvest_dir: Path) -> Path:
     torch.manual_seed(0)
-    sae = build_sae(ModelConfig(name=arch, k=4 if "topk" in arch else None), D, H)
+    sae = build_sae(model_config(arch, k=4 if "topk" in arch else None), D, H)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.2)
     run = tmp_path / f"run-{arch}"
     run.mkdir()
@@ -81,9 +80,10 @@ def test_export_follows_the_saelens_6_layout(arch, tmp_path, harvest_dir):
     run = make_run(tmp_path, arch, harvest_dir)
     out = export_saelens(run, tmp_path / "sl")
     cfg = json.loads((out / "cfg.json").read_text())
-    expected_arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[
-        arch
-    ]
+    expected_arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}.get(
+        arch,
+        "jumprelu",  # matryoshka_batchtopk: SAELens saves its own Matryoshka BatchTopK SAEs so too
+    )
     assert cfg["architecture"] == expected_arch and (cfg["d_in"], cfg["d_sae"]) == (D, H)
     assert (cfg["dtype"], cfg["device"], cfg["apply_b_dec_to_input"]) == ("float32", "cpu", False)
     assert (cfg["normalize_activations"], cfg["reshape_activations"]) == ("none", "none")

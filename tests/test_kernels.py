@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_sweep.config import Config, ModelConfig, validate
+from sae_sweep.config import Config, validate
 from sae_sweep.errors import ConfigError
-from sae_sweep.models import build_sae
+from sae_sweep.models import build_sae, model_config
 from sae_sweep.models.kernels import (
     batch_top_values,
     batch_topk_code,
@@ -78,7 +78,7 @@ def test_triton_decoder_forward_and_backward_match_torch(interpret, select):
 
 
 def _model(name, kernels, k=3, d_in=16, hidden=48, seed=5):
-    cfg = ModelConfig(name=name, k=k, aux_k=4, kernels=kernels)
+    cfg = model_config(name, k=k, aux_k=4, kernels=kernels)
     sae = build_sae(cfg, d_in, hidden, torch.Generator().manual_seed(seed))
     with torch.no_grad():  # non-trivial biases so every gradient path is exercised
         sae.b_dec.copy_(torch.linspace(-0.5, 0.5, d_in))
@@ -180,13 +180,13 @@ def test_kernels_auto_is_torch_until_a_gpu_measured_triton():
 
 def test_kernels_triton_on_cpu_without_the_interpreter_is_one_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cfg = Config(model=ModelConfig(name="topk", k=4, kernels="triton"), device="cpu")
+    cfg = Config(model=model_config("topk", k=4, kernels="triton"), device="cpu")
     problem = kernels_problem("triton", "cpu")
     assert problem is not None and ("TRITON_INTERPRET=1" in problem or "not installed" in problem)
     with pytest.raises(ConfigError, match="model.kernels"):
         validate(cfg)
     with pytest.raises(ConfigError, match="one of auto, torch, triton"):
-        validate(Config(model=ModelConfig(name="topk", k=4, kernels="cuda"), device="cpu"))
+        validate(Config(model=model_config("topk", k=4, kernels="cuda"), device="cpu"))
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

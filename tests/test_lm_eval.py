@@ -11,13 +11,12 @@ pytest.importorskip("transformers")
 
 from test_harvest import MINILM, make_tiny_gpt2  # noqa: E402
 
-from sae_sweep.config import ModelConfig  # noqa: E402
 from sae_sweep.errors import ConfigError  # noqa: E402
 from sae_sweep.harvest import harvest, parse_args  # noqa: E402
 from sae_sweep.harvest.hooks import load_model  # noqa: E402
 from sae_sweep.harvest.text import batches, framing, resolve_text  # noqa: E402
 from sae_sweep.lm_eval import LMEvalConfig, check_lm_eval, lm_eval_metrics, main  # noqa: E402
-from sae_sweep.models import build_sae, load_sae, save_sae  # noqa: E402
+from sae_sweep.models import build_sae, load_sae, model_config, save_sae  # noqa: E402
 
 D = 64  # the tiny GPT-2's width
 
@@ -42,7 +41,7 @@ def gpt2_harvest(tmp_path_factory):
 
 
 def _sae(W_enc, W_dec, arch="relu"):
-    sae = build_sae(ModelConfig(name=arch), W_enc.shape[0], W_enc.shape[1])
+    sae = build_sae(model_config(arch), W_enc.shape[0], W_enc.shape[1])
     sae.load_plain(
         {"W_enc": W_enc, "b_enc": torch.zeros(W_enc.shape[1]), "W_dec": W_dec, "b_dec": torch.zeros(D)}
     )
@@ -128,7 +127,7 @@ def test_cli_on_a_run_directory(gpt2_harvest, tmp_path, capsys):
 def test_a_model_in_training_scored_with_its_scale_matches_its_saved_form(gpt2_harvest, tmp_path):
     _, acts = gpt2_harvest
     torch.manual_seed(0)
-    sae = build_sae(ModelConfig(name="topk", k=8), D, 4 * D).eval()  # subtracts b_dec before encoding
+    sae = build_sae(model_config("topk", k=8), D, 4 * D).eval()  # subtracts b_dec before encoding
     with torch.no_grad():
         sae.b_dec.normal_()
     save_sae(sae, tmp_path / "sae.safetensors", scale_factor=0.37, raw_mean_norm=1.0)
@@ -157,7 +156,7 @@ def test_a_run_with_eval_lm_enabled_records_the_lm_scores(gpt2_harvest, tmp_path
 
     _, acts = gpt2_harvest
     cfg = Config(
-        model=ModelConfig(name="relu"),
+        model=model_config("relu"),
         data=DataConfig(kind="shards", path=str(acts), chunk_tokens=50, test_fraction=0.1),
         train=TrainConfig(progress=False, log_every_tokens=256),
         eval=EvalConfig(lm=LMEvalConfig(enabled=True, tokens=256, batch_size=4)),

@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 
-from sae_sweep.config import ModelConfig
-from sae_sweep.models import build_sae, load_sae, save_sae
+from sae_sweep.models import build_sae, load_sae, model_config, save_sae
 from sae_sweep.models.topk import topk_relu
 
 ARCHS = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None)]
 
 
 def make(name, k, d_in=16, hidden=64, seed=0):
-    return build_sae(ModelConfig(name=name, k=k), d_in, hidden, torch.Generator().manual_seed(seed))
+    return build_sae(model_config(name, k=k), d_in, hidden, torch.Generator().manual_seed(seed))
 
 
 def test_relu_recipe_initialisation():

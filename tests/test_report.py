@@ -15,8 +15,9 @@ import pytest
 from conftest import SMALL_DATA
 from omegaconf import OmegaConf
 
-from sae_sweep.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from sae_sweep.config import Config, DataConfig, OptimizerConfig, TrainConfig
 from sae_sweep.errors import RunStopped
+from sae_sweep.models import model_config
 from sae_sweep.report import collect, write_report
 from sae_sweep.report.__main__ import main
 from sae_sweep.report.collect import METRICS, pareto_mask
@@ -33,7 +34,7 @@ N_TRIALS = len(L1_LAMBDAS) * len(LRS) + 4  # + pruned, collapsed, failed and int
 
 def _trial_cfg(out_dir: Path, data_root: Path, l1_lambda: float, lr: float):
     cfg = Config(
-        model=ModelConfig(name="relu"),
+        model=model_config("relu"),
         data=DataConfig(**{**SMALL_DATA, "path": str(data_root)}),
         optimizer=OptimizerConfig(),
         train=TrainConfig(progress=False, log_every_tokens=8192, dead_window=30_000),

@@ -95,3 +95,14 @@ def test_same_run_ignores_device_and_progress_but_names_the_first_real_differenc
 
 def test_a_fresh_directory_is_any_run(tmp_path: Path) -> None:
     rundir.check_same_run(tmp_path, {"lr": 1.0})  # nothing saved yet: no error
+
+
+def test_a_config_from_the_single_model_schema_is_the_same_run(tmp_path: Path) -> None:
+    # config.yaml of a relu run written when one schema held every architecture's model keys
+    old = {"lr": 1e-3, "model": {"name": "relu", "k": None, "aux_k_coef": 0.03125, "dec_init_norm": None}}
+    now = {"lr": 1e-3, "model": {"name": "relu", "dec_init_norm": None}}
+    assert rundir.run_difference(old, now) is None
+    assert rundir.run_difference(old, {**now, "model": {"name": "relu", "dec_init_norm": 0.2}}) == (
+        "model.dec_init_norm was None, now 0.2"
+    )
+    assert rundir.run_difference(old, {"lr": 1e-3, "model": {"name": "topk", "k": 4}}) is not None

@@ -72,7 +72,7 @@ def test_zero_stays_a_legal_categorical_value_next_to_a_log_range():
 def test_config_groups_sweep_too(composer):
     assert dims(["model=relu,topk"])["model"].choices == ("relu", "topk")
     space = parse_space(["model=glob(*)"], composer.group_options)
-    assert set(space.dims[0].choices) == {"relu", "topk", "batchtopk", "jumprelu"}
+    assert set(space.dims[0].choices) == {"relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"}
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,10 @@ sae_lens_version (the loader converts configs without a version >= 6 as pre-6.0 
 states the layout version it follows).
 
 sae_sweep's plain form already applies to raw activations with no pre-encoder bias, so the export
-copies tensors unchanged (apply_b_dec_to_input false, normalize_activations none); relu maps to
-standard, and batchtopk, whose inference is `pre where pre > threshold`, to jumprelu. Import folds
+copies tensors unchanged (apply_b_dec_to_input false, normalize_activations none). Each architecture
+declares its SAELens form (`saelens_architecture`): relu is standard, and batchtopk and
+matryoshka_batchtopk, whose inference is `pre where pre > threshold`, are jumprelu (as SAELens itself
+saves its BatchTopK and Matryoshka BatchTopK SAEs). Import folds
 what SAELens can hold and the plain form cannot (b_dec subtracted before the encoder, decoder-norm
 rescaling for topk) into the weights; run-time normalisations (layer_norm, constant_norm_rescale,
 covariance_whitening) cannot be folded and are refused.
@@ -37,12 +39,12 @@ from sae_sweep import rundir
 from sae_sweep._version import __version__
 from sae_sweep.errors import DataError, SaeSweepError
 from sae_sweep.harvest import read_manifest
-from sae_sweep.models import FORMAT_VERSION
+from sae_sweep.models import FORMAT_VERSION, architectures
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_LAYOUT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >= 6)
-TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+# SAELens's inference architectures -> ours (an export names its own, which comes back where it can).
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 FOLDED_NORMALISATIONS = ("none", "expected_average_only_in")  # the latter is folded in when SAELens saves
 
@@ -79,8 +81,10 @@ def export_saelens(
     sae_file = run_dir / rundir.SAE if run_dir.is_dir() else run_dir
     tensors, meta = _read_sae_file(sae_file)
     arch = meta.get("architecture")
-    if arch not in TO_SAELENS:
-        raise DataError(sae_file, f"has architecture {arch!r}; exportable: {', '.join(TO_SAELENS)}")
+    known = architectures()
+    if arch not in known:
+        raise DataError(sae_file, f"has architecture {arch!r}; exportable: {', '.join(known)}")
+    saelens_arch = known[arch].saelens_architecture
     d_sae, d_in = tensors["W_dec"].shape
     hyper = json.loads(meta.get("hyperparameters", "{}"))
     metadata: dict[str, Any] = {
@@ -97,7 +101,7 @@ def export_saelens(
     }
     metadata.update({k: v for k, v in (("model_name", model_name), ("hook_name", hook_name)) if v})
     cfg: dict[str, Any] = {
-        "architecture": TO_SAELENS[arch],
+        "architecture": saelens_arch,
         "d_in": int(d_in),
         "d_sae": int(d_sae),
         "dtype": "float32",
@@ -107,10 +111,10 @@ def export_saelens(
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if arch == "topk":
+    if saelens_arch == "topk":
         cfg.update(k=int(hyper["k"]), rescale_acts_by_decoder_norm=False)
     weights = {name: tensors[name].float().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if TO_SAELENS[arch] == "jumprelu":
+    if saelens_arch == "jumprelu":
         weights["threshold"] = tensors["threshold"].float().contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,15 +174,17 @@ def import_saelens(saelens_dir: str | Path, out_dir: str | Path) -> Path:
 
     arch = FROM_SAELENS[arch_in]
     hyper = dict(meta_in.get("sae_sweep_hyperparameters") or {})
-    if arch == "topk":
+    if arch_in == "topk":
         hyper = {"k": int(cfg["k"])}
-    # A batchtopk SAE exported by sae_sweep comes back as batchtopk (its threshold is one number).
-    if arch == "jumprelu" and meta_in.get("sae_sweep_architecture") == "batchtopk":
-        if bool((t["threshold"] == t["threshold"][0]).all()):
-            arch = "batchtopk"
+    # An SAE exported by sae_sweep comes back as its own architecture where that holds the weights
+    # unchanged (e.g. batchtopk, exported as jumprelu, when its threshold is still one number).
+    original = architectures().get(str(meta_in.get("sae_sweep_architecture")))
+    if original is not None and original.saelens_architecture == arch_in:
+        if arch_in != "jumprelu" or original.inference_form_matches(t["threshold"]):
+            arch = original.architecture
     d_sae, d_in = t["W_dec"].shape
     names = ["W_enc", "b_enc", "W_dec", "b_dec"]
-    if arch in ("jumprelu", "batchtopk"):
+    if arch_in == "jumprelu":
         names.append("threshold")
     tensors = {k: t[k].contiguous() for k in names}
     scale = meta_in.get("sae_sweep_scale_factor") or "1.0"  # already folded either way

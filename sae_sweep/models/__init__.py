@@ -1,7 +1,9 @@
-"""SAE architectures behind one interface (`SAE` in base.py), a builder from config, and the loader."""
+"""SAE architectures behind one interface (`SAE` in base.py), their registry, a builder from config, and
+the loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,16 +13,30 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from sae_sweep import rundir
-from sae_sweep.config import DEFAULT_DEC_INIT_NORM, ModelConfig
-from sae_sweep.errors import DataError
-from sae_sweep.models.base import SAE, SAEOutput
-from sae_sweep.models.batchtopk import BatchTopKSAE
-from sae_sweep.models.jumprelu import JumpReLUSAE
+from sae_sweep.errors import ConfigError, DataError
+from sae_sweep.models.base import SAE, ModelConfig, SAEOutput
 from sae_sweep.models.kernels import resolve_kernels
-from sae_sweep.models.relu import ReluSAE
-from sae_sweep.models.topk import TopKSAE
+from sae_sweep.models.registry import (
+    architecture,
+    architectures,
+    model_config,
+    register_architecture,
+    resolve_model_config,
+)
 
-__all__ = ["SAE", "SAEOutput", "build_sae", "save_sae", "load_sae"]
+__all__ = [
+    "SAE",
+    "SAEOutput",
+    "ModelConfig",
+    "architecture",
+    "architectures",
+    "build_sae",
+    "load_sae",
+    "model_config",
+    "register_architecture",
+    "resolve_model_config",
+    "save_sae",
+]
 
 FORMAT_VERSION = "1"
 
@@ -32,28 +48,12 @@ def build_sae(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> SAE:
-    """The architecture named by model_cfg.name, initialised as its recipe says;
-    `device` (where it will train) decides what `model.kernels=auto` runs."""
-    name = model_cfg.name
-    dec_init_norm = model_cfg.dec_init_norm or DEFAULT_DEC_INIT_NORM.get(name, 1.0)
-    if name == "relu":
-        return ReluSAE(d_in, hidden, dec_init_norm, generator)
-    if name == "jumprelu":
-        return JumpReLUSAE(
-            d_in, hidden, dec_init_norm, model_cfg.jump_bandwidth, model_cfg.jump_threshold_init, generator
-        )
-    topk_args = (d_in, hidden, model_cfg.k, model_cfg.aux_k, model_cfg.aux_k_coef, model_cfg.aux_dead_tokens)
-    sparse = {
-        "sparse_kernels": model_cfg.sparse_kernels,
-        "kernels": resolve_kernels(getattr(model_cfg, "kernels", "auto"), device),
-    }
-    if name == "topk":
-        return TopKSAE(*topk_args, generator=generator, **sparse)
-    if name == "batchtopk":
-        return BatchTopKSAE(
-            *topk_args, generator=generator, threshold_momentum=model_cfg.threshold_momentum, **sparse
-        )
-    raise ValueError(f"unknown architecture {name!r}")
+    """The architecture named by model_cfg.name, initialised as its class says; `device` (where it will
+    train) decides what `model.kernels=auto` runs, for architectures with that key."""
+    cfg = resolve_model_config(model_cfg)
+    if hasattr(cfg, "kernels"):
+        cfg = dataclasses.replace(cfg, kernels=resolve_kernels(cfg.kernels, device))  # type: ignore[call-arg]
+    return architecture(cfg.name).from_config(cfg, d_in, hidden, generator)
 
 
 def save_sae(sae: SAE, path: Path, scale_factor: float, raw_mean_norm: float) -> None:
@@ -86,9 +86,15 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise DataError(path, "not an sae_sweep SAE file (no 'architecture' in its metadata)")
     hyper = json.loads(metadata.get("hyperparameters", "{}"))
     d_in, hidden = int(metadata["d_in"]), int(metadata["hidden"])
+    try:
+        cls = architecture(metadata["architecture"])
+    except ConfigError as err:
+        raise DataError(path, f"holds an architecture not registered here ({err})") from None
 
-    # Training-only settings (AuxK, init) don't matter for a loaded model.
-    sae = build_sae(ModelConfig(name=metadata["architecture"], k=hyper.get("k")), d_in, hidden)
+    # Training-only settings (AuxK, init) don't matter for a loaded model: the class's defaults do.
+    keys = {f.name for f in dataclasses.fields(cls.config_class)}
+    cfg = cls.config_class(**{k: v for k, v in hyper.items() if k in keys})
+    sae = cls.from_config(cfg, d_in, hidden)
     sae.load_plain(tensors)
     sae.metadata = metadata  # type: ignore[attr-defined]
     return sae.to(device).eval()

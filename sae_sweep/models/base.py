@@ -7,15 +7,40 @@ the architecture uses one) into weights that apply to raw activations:
     pre = x_raw @ W_enc + b_enc;  f = activation(pre);  x_hat_raw = f @ W_dec + b_dec
 
 The latents f are identical in both forms, so thresholds and k carry over unchanged.
+
+An architecture is one class (a subclass of `SAE`) that declares how it is trained, next to its config
+dataclass (a subclass of `ModelConfig`, whose fields are its `model.*` keys):
+
+- `architecture`: its name (`model=<name>`); `config_class`: its keys and their defaults;
+- `family`: `penalty` (the loss adds `l1_lambda` x `sparsity_metric`, which `penalty` describes; its
+  default coefficient is `default_coef`) or `topk` (k latents chosen per token or batch, no coefficient);
+- `default_dec_init_norm`: the decoder rows' initial norm; `default_lr(d_in, hidden)`: the lr rule;
+- `saelens_architecture`: the SAELens form it is exported as;
+- `from_config(model_cfg, d_in, hidden, generator)` builds it; `check_config(...)` checks its keys.
+
+`sae_sweep.models.registry` maps names to these classes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from sae_sweep.checks import positive
+from sae_sweep.errors import ConfigError
+
+FAMILIES = ("penalty", "topk")
+
+
+@dataclass
+class ModelConfig:
+    """`model.*`: the architecture's name; each architecture's config subclass adds its own keys."""
+
+    name: str = "relu"  # architecture (`model=NAME`; `--help` lists them)
 
 
 @dataclass
@@ -52,8 +77,66 @@ class SAE(nn.Module):
     """Base: tied initialisation, linear decode, folding into the plain form, and no-op hooks."""
 
     architecture: ClassVar[str]
+    config_class: ClassVar[type[ModelConfig]]
+    family: ClassVar[str]  # one of FAMILIES
+    sparsity_metric: ClassVar[str | None] = None  # metric the penalty is on (penalty family); None = none
+    penalty: ClassVar[str] = "no penalty"  # what the loss adds to the MSE, in words (for --help)
+    default_coef: ClassVar[float | None] = None  # l1_lambda when it is null; None = takes no l1_lambda
+    default_dec_init_norm: ClassVar[float] = 1.0
+    saelens_architecture: ClassVar[str]
     # Architectures that subtract b_dec before encoding (Gao et al.) set this; folded away at save time.
     subtract_b_dec_default: ClassVar[bool] = False
+
+    # --- what the architecture declares -------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None = None) -> SAE:
+        """A freshly initialised SAE from this architecture's config (an instance of config_class)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_device(cls, cfg: Any, device: torch.device) -> None:
+        """Raise ConfigError for a value that cannot run on the run's device (e.g. model.kernels)."""
+
+    @classmethod
+    def inference_form_matches(cls, threshold_H: Tensor) -> bool:
+        """Whether an imported inference threshold is one this architecture can hold unchanged."""
+        return True
+
+    @classmethod
+    def default_lr(cls, d_in: int, hidden: int) -> float:
+        """The learning rate when `lr` is null: 1e-3 at d_in = 128, scaled by 1/sqrt(d_in).
+
+        Adam moves every weight by about lr per step while the initial weights are ~0.1/sqrt(d_in), so
+        this keeps the relative step the same at every width (at d_in = 3072 it is 2e-4). The
+        April-2024 recipe's 5e-5 is tuned for billions of tokens; a sweep trial gets millions.
+        """
+        return 1e-3 * math.sqrt(128 / d_in)
+
+    @classmethod
+    def recipe(
+        cls, d_in: int, hidden_dim: int | None, l1_lambda: float | None, lr: float | None
+    ) -> tuple[int, float | None, float]:
+        """(hidden, l1_lambda, lr) a run uses where those keys are null; l1_lambda is None where unused."""
+        hidden = hidden_dim or 8 * d_in
+        coef = None
+        if cls.default_coef is not None:
+            coef = l1_lambda if l1_lambda is not None else cls.default_coef
+        return hidden, coef, lr if lr is not None else cls.default_lr(d_in, hidden)
+
+    @classmethod
+    def check_config(cls, cfg: Any, l1_lambda: float | None, hidden_dim: int | None) -> None:
+        """Raise ConfigError for a value this architecture cannot train with (hidden_dim None = unknown)."""
+        if cls.default_coef is None:
+            if l1_lambda is not None:
+                raise ConfigError(
+                    "l1_lambda",
+                    l1_lambda,
+                    f"nothing with model={cls.architecture}: its sparsity is set by model.k (drop "
+                    "l1_lambda, or use a model of the penalty family, e.g. relu; --help lists them)",
+                )
+        elif not math.isfinite(l1_lambda if l1_lambda is not None else 0.0) or (l1_lambda or 0.0) < 0:
+            raise ConfigError("l1_lambda", l1_lambda, "a finite number >= 0 (0 = no sparsity penalty)")
+        positive("model.dec_init_norm", getattr(cfg, "dec_init_norm", None), allow_none=True)
 
     def __init__(self, d_in: int, hidden: int, dec_init_norm: float, generator: torch.Generator | None):
         super().__init__()

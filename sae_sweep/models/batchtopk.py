@@ -7,21 +7,51 @@ the smallest kept activation) replaces it: f = pre where pre > threshold.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from sae_sweep.checks import fraction
+from sae_sweep.models.base import SAE
 from sae_sweep.models.kernels import Code, batch_topk_code
-from sae_sweep.models.topk import TopKSAE
+from sae_sweep.models.topk import TopKConfig, TopKSAE
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    name: str = "batchtopk"
+    threshold_momentum: float = 0.99  # EMA momentum of the inference threshold
 
 
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
+    config_class = BatchTopKConfig
+    penalty = "no penalty: keeps the batch_size * k largest pre-activations of the batch (AuxK as topk)"
+    saelens_architecture = "jumprelu"  # inference is `pre where pre > threshold`
+    threshold: Tensor  # buffers (checkpointed): the running inference threshold and whether it is set
+    threshold_initialised: Tensor
 
-    def __init__(self, *args, threshold_momentum: float, **kwargs):
+    def __init__(self, *args: Any, threshold_momentum: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.threshold_momentum = threshold_momentum
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_initialised", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def from_config(cls, cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None = None) -> SAE:
+        return cls(**cls.sae_args(cfg, d_in, hidden, generator), threshold_momentum=cfg.threshold_momentum)
+
+    @classmethod
+    def check_config(cls, cfg: Any, l1_lambda: float | None, hidden_dim: int | None) -> None:
+        super().check_config(cfg, l1_lambda, hidden_dim)
+        fraction("model.threshold_momentum", cfg.threshold_momentum)
+
+    @classmethod
+    def inference_form_matches(cls, threshold_H: Tensor) -> bool:
+        """Whether a SAELens jumprelu threshold is one of ours: BatchTopK's is one number for all latents."""
+        return bool((threshold_H == threshold_H[0]).all())
 
     def select(self, pre_BH: Tensor) -> Tensor:
         relu_flat = torch.relu(pre_BH).flatten()

@@ -8,11 +8,24 @@ a rectangle kernel of width `jump_bandwidth` (in normalised activation units).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sae_sweep.models.base import SAE, SAEOutput, dense_output
+from sae_sweep.checks import positive
+from sae_sweep.models.base import SAE, ModelConfig, SAEOutput, dense_output
+
+
+@dataclass
+class JumpReLUConfig(ModelConfig):
+    name: str = "jumprelu"
+    # norm of the initial decoder rows; null = 1 (pre-activations must start near the threshold for the
+    # estimator to see them)
+    dec_init_norm: float | None = None
+    jump_bandwidth: float = 0.5  # straight-through estimator bandwidth (normalised units)
+    jump_threshold_init: float = 0.5  # initial threshold of every latent (normalised units)
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -54,6 +67,24 @@ class _Step(torch.autograd.Function):
 
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
+    config_class = JumpReLUConfig
+    family = "penalty"
+    sparsity_metric = "l0"
+    penalty = "loss adds l1_lambda * mean_t #{i : pre_i > theta_i} (L0, straight-through estimators)"
+    default_coef = 1.0
+    default_dec_init_norm = 1.0
+    saelens_architecture = "jumprelu"
+
+    @classmethod
+    def from_config(cls, cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None = None) -> SAE:
+        dec_init_norm = cfg.dec_init_norm or cls.default_dec_init_norm
+        return cls(d_in, hidden, dec_init_norm, cfg.jump_bandwidth, cfg.jump_threshold_init, generator)
+
+    @classmethod
+    def check_config(cls, cfg: Any, l1_lambda: float | None, hidden_dim: int | None) -> None:
+        super().check_config(cfg, l1_lambda, hidden_dim)
+        positive("model.jump_bandwidth", cfg.jump_bandwidth)
+        positive("model.jump_threshold_init", cfg.jump_threshold_init)
 
     def __init__(
         self,

@@ -7,14 +7,34 @@ removes the incentive to shrink f and grow W_dec).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from sae_sweep.models.base import SAE, SAEOutput, dense_output
+from sae_sweep.models.base import SAE, ModelConfig, SAEOutput, dense_output
+
+
+@dataclass
+class ReluConfig(ModelConfig):
+    name: str = "relu"
+    dec_init_norm: float | None = None  # norm of the initial decoder rows; null = 0.1 (April-2024 recipe)
 
 
 class ReluSAE(SAE):
     architecture = "relu"
+    config_class = ReluConfig
+    family = "penalty"
+    sparsity_metric = "l1"
+    penalty = "loss adds l1_lambda * mean_t sum_i f_i ||W_dec,i|| (L1 weighted by decoder norms)"
+    default_coef = 5.0
+    default_dec_init_norm = 0.1
+    saelens_architecture = "standard"
+
+    @classmethod
+    def from_config(cls, cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None = None) -> SAE:
+        return cls(d_in, hidden, cfg.dec_init_norm or cls.default_dec_init_norm, generator)
 
     def encode(self, x_BD: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x_BD))

@@ -16,13 +16,33 @@ Training has two paths with the same loss and gradients (tests hold them to it):
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sae_sweep.models.base import SAE, SAEOutput, dense_output, mse_per_token
+from sae_sweep.checks import one_of, positive
+from sae_sweep.errors import ConfigError
+from sae_sweep.models.base import SAE, ModelConfig, SAEOutput, dense_output, mse_per_token
 from sae_sweep.models.kernels import Code, fired, sparse_decode, sparse_encode, topk_code
+from sae_sweep.models.kernels.choice import kernels_problem
+
+KERNELS = ("auto", "torch", "triton")  # model.kernels (sae_sweep/models/kernels)
+
+
+@dataclass
+class TopKConfig(ModelConfig):
+    name: str = "topk"
+    k: int = 32  # latents kept per token (the target L0)
+    aux_k_coef: float = 1 / 32  # weight of the AuxK loss on dead latents (Gao et al.); 0 = no AuxK
+    aux_k: int | None = None  # dead latents used by AuxK; null = d_in / 2
+    aux_dead_tokens: int = 1_000_000  # a latent silent this many tokens feeds AuxK
+    sparse_kernels: bool = True  # train through the active latents only (false = the dense reference)
+    # the sparse path: auto | torch | triton (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU);
+    # auto = torch until a GPU benchmark records Triton faster (models/kernels)
+    kernels: str = "auto"
 
 
 def topk_relu(pre_BH: Tensor, k: int) -> Tensor:
@@ -33,7 +53,58 @@ def topk_relu(pre_BH: Tensor, k: int) -> Tensor:
 
 class TopKSAE(SAE):
     architecture = "topk"
+    config_class = TopKConfig
+    family = "topk"
+    penalty = "no penalty: keeps the k largest pre-activations per token (AuxK trains dead latents)"
+    saelens_architecture = "topk"
     subtract_b_dec_default = True
+    tokens_since_fired: Tensor
+
+    @classmethod
+    def sae_args(cls, cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None) -> dict[str, Any]:
+        """The constructor's arguments from a config (`kernels` already resolved for the device)."""
+        return dict(
+            d_in=d_in,
+            hidden=hidden,
+            k=cfg.k,
+            aux_k=cfg.aux_k,
+            aux_k_coef=cfg.aux_k_coef,
+            aux_dead_tokens=cfg.aux_dead_tokens,
+            generator=generator,
+            sparse_kernels=cfg.sparse_kernels,
+            kernels=cfg.kernels if cfg.kernels != "auto" else "torch",
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Any, d_in: int, hidden: int, generator: torch.Generator | None = None) -> SAE:
+        return cls(**cls.sae_args(cfg, d_in, hidden, generator))
+
+    @classmethod
+    def default_lr(cls, d_in: int, hidden: int) -> float:
+        """Gao et al.'s 2e-4 / sqrt(hidden / 2^14)."""
+        return 2e-4 / math.sqrt(hidden / 2**14)
+
+    @classmethod
+    def check_config(cls, cfg: Any, l1_lambda: float | None, hidden_dim: int | None) -> None:
+        super().check_config(cfg, l1_lambda, hidden_dim)
+        if cfg.k is None or cfg.k < 1:
+            raise ConfigError(
+                "model.k", cfg.k, f"a positive integer (latents per token) for model={cls.architecture}"
+            )
+        if hidden_dim is not None and cfg.k > hidden_dim:
+            raise ConfigError("model.k", cfg.k, f"at most hidden_dim ({hidden_dim})")
+        if cfg.aux_k_coef != 0:
+            positive("model.aux_k_coef", cfg.aux_k_coef)
+        if cfg.aux_k is not None and cfg.aux_k < 1:
+            raise ConfigError("model.aux_k", cfg.aux_k, "a positive integer or null (= d_in / 2)")
+        positive("model.aux_dead_tokens", cfg.aux_dead_tokens)
+        one_of("model.kernels", cfg.kernels, KERNELS)
+
+    @classmethod
+    def check_device(cls, cfg: Any, device: torch.device) -> None:
+        problem = kernels_problem(cfg.kernels, device)
+        if problem is not None:
+            raise ConfigError("model.kernels", cfg.kernels, problem)
 
     def __init__(
         self,

@@ -20,33 +20,20 @@ from tqdm import tqdm  # not tqdm.auto: it warns on import in notebooks without 
 
 from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
+from sae_sweep.metrics import METRICS as ALL_METRICS
+from sae_sweep.metrics import RUN_FACTS, every_run_has, running_columns
+from sae_sweep.rundir import RESUME_IGNORED_KEYS
 from sae_sweep.sweep.queue import IDENTITY_ATTR  # where a study records its objectives
 
-# The held-out metrics of a completed run, in the order the README lists them.
-METRICS = (
-    "mse",
-    "fvu",
-    "explained_variance",
-    "l0",
-    "l1",
-    "loss",
-    "dead_frac",
-    "alive_frac",
-    "dense_frac",
-    "pct_active_batch",
-    "cos_sim",
-    "l2_ratio",
-    "tokens_per_s",
-    "mcc",
-    "f1",
-)
+# The metrics of a completed run, in the registry's order (LM scores join them where a run has them).
+METRICS = every_run_has()
 # A stopped run's metrics.json is its last curves.csv row: these were measured on training batches,
 # so they get a `last_train_` prefix rather than pass for held-out metrics.
-TRAIN_ROW_KEYS = ("loss", "mse", "l0", "dead_frac")
+TRAIN_ROW_KEYS = running_columns()
 # ... and these are the schedule's values at the stop (warm-up, decay), not the run's settings.
 SCHEDULE_KEYS = ("lr", "l1_lambda", "step")
 # Config keys that are no hyperparameter even when they differ between trials (nor is sweep.*).
-NOT_PARAMS = ("out_dir", "train.progress", "device")
+NOT_PARAMS = RESUME_IGNORED_KEYS
 # Swept-parameter order in tables and plots: the notes' columns first.
 PARAM_ORDER = (
     "architecture",
@@ -73,26 +60,8 @@ STATE_STATUS = {
 RDB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 JOURNAL_SUFFIXES = (".journal", ".log")
 COMPLETED = "completed"
-# The keys of a metrics.json (held-out metrics, run facts): what a study's user attrs may fill.
-RECORD_KEYS = {
-    *METRICS,
-    *TRAIN_ROW_KEYS,
-    "status",
-    "reason",
-    "tokens",
-    "steps",
-    "train_seconds",
-    "dead_window_tokens",
-    "n_eval_tokens",
-    "resumed_from_tokens",
-    "d_in",
-    "hidden_dim",
-    "l1_lambda",
-    "lr",
-    "batch_size",
-    "scale_factor",
-    "raw_mean_norm",
-}
+# The keys of a metrics.json (the metrics plus the trainer's run facts): what a study's user attrs may fill.
+RECORD_KEYS = {*ALL_METRICS, *RUN_FACTS} - {"architecture", "k"}  # config.yaml has those two
 
 
 # --- Pareto front ----------------------------------------------------------------------------------
@@ -161,7 +130,7 @@ def add_pareto(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'model': {'name': 'relu'}} -> {'model.name': 'relu'}; lists become their string form."""
+    """{'data': {'kind': 'shards'}} -> {'data.kind': 'shards'}; lists become their string form."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"

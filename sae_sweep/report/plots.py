@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, LogFormatter, NullLocator
 
 from sae_sweep import rundir
+from sae_sweep.metrics import METRICS, PANELS
 from sae_sweep.report.collect import COMPLETED, load_curves, load_density
 
 DPI = 120
@@ -37,14 +38,15 @@ MAX_TICKS = 8  # a parameter with at most this many values is ticked at each
 # Preferred parameter for colour: the sparsity knob the frontier is about.
 COLOR_FIRST = ("l1_lambda", "model.k", "architecture")
 SHORT = {"l1_lambda": "λ", "batch_size": "batch", "hidden_dim": "hidden", "architecture": "arch"}
-# (column, axis label, log axis) of the metric panels; dead_pct is 100 * dead_frac.
-PANEL_METRICS = (
-    ("explained_variance", "explained variance", False),
-    ("l0", "L0 (active latents / token, log)", True),
-    ("dead_pct", "dead latents (%)", False),
-    ("mse", "MSE (log)", True),
-    ("l1", "L1 (log)", True),
-    ("mcc", "MCC vs true features", False),
+# (column, axis label, log axis) of the metric panels (metrics.PANELS); a percentage of a fraction is
+# the column <name without _frac>_pct, e.g. dead_pct = 100 * dead_frac.
+PANEL_METRICS = tuple(
+    (
+        name.removesuffix("_frac") + "_pct" if m.percent else name,
+        m.axis or m.label or m.name,
+        m.log,
+    )
+    for name, m in ((n, METRICS[n]) for n in PANELS)
 )
 
 
@@ -428,7 +430,10 @@ def metrics_figure(df: pd.DataFrame) -> Figure | None:
     swept = swept_params(df)
     if not swept:
         return None
-    data = df[df["status"].eq(COMPLETED)].assign(dead_pct=100 * df["dead_frac"])
+    done = df[df["status"].eq(COMPLETED)]
+    data = done.assign(
+        **{c: 100 * done[c.removesuffix("_pct") + "_frac"] for c, _, _ in PANEL_METRICS if c.endswith("_pct")}
+    )
     metrics = [(c, label, log) for c, label, log in PANEL_METRICS if c in data and data[c].notna().any()]
     if data.empty or not metrics:
         return None

@@ -10,31 +10,23 @@ import numpy as np
 import pandas as pd
 
 from sae_sweep import rundir
+from sae_sweep.metrics import METRICS, TABLE
 from sae_sweep.report.collect import COMPLETED, PARAM_ORDER
 
 # The configuration columns every table shows (the notes' own), before any other swept parameter.
 NOTES_PARAMS = ("l1_lambda", "lr", "batch_size", "hidden_dim")
-# (column in the summary, header, formatter) of the headline metrics, in the notes' order.
 Formatter = Callable[[float], str]
 
 
-def _sig(digits: int) -> Formatter:
-    return lambda v: f"{v:.{digits}g}"
+def _format(spec: str) -> Formatter:
+    return lambda v: format(v, spec)
 
 
-def _fixed(decimals: int) -> Formatter:
-    return lambda v: f"{v:.{decimals}f}"
-
-
-HEADLINE: tuple[tuple[str, str, Formatter], ...] = (
-    ("alive_pct", "alive %", _fixed(1)),
-    ("dead_pct", "dead %", _fixed(1)),
-    ("l0", "L0", _sig(3)),
-    ("mse", "MSE", _sig(4)),
-    ("l1", "L1", _sig(4)),
-    ("explained_variance", "expl. var.", _fixed(4)),
-    ("mcc", "MCC", _fixed(3)),  # only on data with ground truth
-    ("ce_loss_score", "CE score", _fixed(3)),  # only with eval.lm (the LM's loss with the SAE spliced in)
+# (column in the summary, header, formatter) of the headline metrics (metrics.TABLE); a fraction shown
+# as a percentage is the column <name without _frac>_pct.
+HEADLINE: tuple[tuple[str, str, Formatter], ...] = tuple(
+    (name.removesuffix("_frac") + "_pct" if m.percent else name, m.header, _format(m.fmt))
+    for name, m in ((n, METRICS[n]) for n in TABLE)
 )
 PARETO_MARK = "★"
 MISSING = "–"
@@ -53,7 +45,7 @@ def config_columns(df: pd.DataFrame) -> list[str]:
             continue
         if name in NOTES_PARAMS or name in swept or (name == "architecture" and df[name].nunique() > 1):
             cols.append(name)
-        elif name == "model.k" and df["architecture"].isin(["topk", "batchtopk"]).any():
+        elif name == "model.k":  # a column only where an architecture has k
             cols.append(name)
     return cols or ["trial"]  # run directories without a config: one row per trial
 
@@ -73,8 +65,14 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     if "retried_by" in df:
         continued |= df["retried_by"].notna()  # a failed attempt retried by a later trial, likewise
     df = df[~continued]
-    data = df.assign(alive_pct=100 * df["alive_frac"], dead_pct=100 * df["dead_frac"])
-    optional = {"mcc", "ce_loss_score"}  # shown only where the data has ground truth / eval.lm ran
+    percents = {
+        column: 100 * df[name]
+        for name, (column, _, _) in zip(TABLE, HEADLINE, strict=True)
+        if METRICS[name].percent
+    }
+    data = df.assign(**percents)
+    # shown only where the data has them (e.g. mcc: ground truth)
+    optional = {column for name, (column, _, _) in zip(TABLE, HEADLINE, strict=True) if METRICS[name].needs}
     metrics = [
         name for name, _, _ in HEADLINE if name in data and (name not in optional or data[name].notna().any())
     ]

@@ -48,9 +48,14 @@ _MISSING_OPTION = re.compile(r"Could not find '([^']+)/([^']+)'")
 _UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
 
 
-def _known_keys(dotted: str) -> tuple[str, list[str]]:
-    """(the node holding `dotted`, the keys that node has) in the default config."""
-    cfg = compose(config_name="config", overrides=[])
+def _known_keys(dotted: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """(the node holding `dotted`, the keys that node has) in the config the other overrides compose
+    (the `model.*` keys are the chosen architecture's)."""
+    others = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != dotted]
+    try:
+        cfg = compose(config_name="config", overrides=others)
+    except HydraException:
+        cfg = compose(config_name="config", overrides=[])
     *parents, _ = dotted.split(".")
     node: Any = cfg
     for part in parents:
@@ -73,7 +78,7 @@ def _compose_error(overrides: list[str], err: HydraException) -> ConfigError:
     unknown = _UNKNOWN_KEY.search(text)
     if unknown:
         key = unknown.group(1)
-        parent, keys = _known_keys(key)
+        parent, keys = _known_keys(key, overrides)
         where = f"keys of {parent}" if parent else "top-level keys"
         return ConfigError(key, value_of.get(key), f"a known key ({where}: {', '.join(keys)})")
     cause = err.__cause__ or err.__context__
@@ -116,11 +121,9 @@ def check_overrides(argv: list[str]) -> str | None:
     is several lines and lists none of the allowed keys)."""
     if any(a.split("=", 1)[0] in _OWN_CONFIG_FLAGS for a in argv):
         return None
-
-    def kept(arg: str) -> bool:  # hydra.searchpath adds the user's own groups: the check must see them
-        return not arg.startswith("hydra.") or arg.startswith("hydra.searchpath=")
-
-    overrides = [a for a in argv if "=" in a and not a.startswith("-") and kept(a)]
+    # hydra.* keys configure Hydra's run, except the searchpath, which adds the user's config groups
+    runs_hydra = [a for a in argv if a.startswith("hydra.") and not a.startswith("hydra.searchpath=")]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") and a not in runs_hydra]
     try:
         with Composer() as composer:
             composer.compose(overrides)

@@ -13,38 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sae_sweep.errors import ConfigError
+from sae_sweep.metrics import GROUND_TRUTH, MAXIMIZE, METRICS, MINIMIZE
 
-MINIMIZE, MAXIMIZE = "minimize", "maximize"
-# Metrics with a natural direction; others need "name:direction".
-DIRECTIONS = {
-    "fvu": MINIMIZE,
-    "mse": MINIMIZE,
-    "l0": MINIMIZE,
-    "l1": MINIMIZE,
-    "loss": MINIMIZE,
-    "dead_frac": MINIMIZE,
-    "dense_frac": MINIMIZE,
-    "train_seconds": MINIMIZE,
-    "explained_variance": MAXIMIZE,
-    "mcc": MAXIMIZE,
-    "f1": MAXIMIZE,
-    "alive_frac": MAXIMIZE,
-    "cos_sim": MAXIMIZE,
-    "tokens_per_s": MAXIMIZE,
-}
-OTHER_METRICS = ("l2_ratio", "pct_active_batch")
-GROUND_TRUTH_METRICS = ("mcc", "f1")
 _ALIASES = {"min": MINIMIZE, "minimize": MINIMIZE, "max": MAXIMIZE, "maximize": MAXIMIZE}
-# objective -> (curves.csv column, whether the metric rises with it)
-PROXIES = {
-    "fvu": ("mse", True),
-    "mse": ("mse", True),
-    "explained_variance": ("mse", False),
-    "loss": ("loss", True),
-    "l0": ("l0", True),
-    "dead_frac": ("dead_frac", True),
-    "alive_frac": ("dead_frac", False),
-}
 
 
 @dataclass(frozen=True)
@@ -57,18 +28,18 @@ class Objective:
 
     def badness(self, row: dict[str, Any]) -> float | None:
         """This objective's running value from a curves.csv row, oriented so that lower is better."""
-        if self.metric not in PROXIES:
+        m = METRICS[self.metric]
+        if m.running is None:
             return None
-        column, rises = PROXIES[self.metric]
-        value = float(row[column])
-        return value if rises == (self.direction == MINIMIZE) else -value
+        value = float(row[m.running])
+        return value if m.running_rises == (self.direction == MINIMIZE) else -value
 
     def reported(self, row: dict[str, Any]) -> float | None:
         """The running value in the metric's own orientation (what Optuna's intermediate values hold)."""
-        if self.metric not in PROXIES:
+        m = METRICS[self.metric]
+        if m.running is None:
             return None
-        column, rises = PROXIES[self.metric]
-        return float(row[column]) if rises else -float(row[column])
+        return float(row[m.running]) if m.running_rises else -float(row[m.running])
 
 
 def parse_objectives(specs: list[str], data_kind: str) -> list[Objective]:
@@ -76,20 +47,20 @@ def parse_objectives(specs: list[str], data_kind: str) -> list[Objective]:
     for spec in specs:
         metric, _, direction = str(spec).partition(":")
         metric = metric.strip()
-        known = sorted([*DIRECTIONS, *OTHER_METRICS])
+        known = sorted(METRICS)
         if metric not in known:
             raise ConfigError("sweep.objectives", spec, "metric names of metrics.json: " + ", ".join(known))
         if direction:
             if direction.strip().lower() not in _ALIASES:
                 raise ConfigError("sweep.objectives", spec, f"{metric}:minimize or {metric}:maximize")
             direction = _ALIASES[direction.strip().lower()]
-        elif metric in DIRECTIONS:
-            direction = DIRECTIONS[metric]
+        elif (natural := METRICS[metric].direction) is not None:
+            direction = natural
         else:
             raise ConfigError(
                 "sweep.objectives", spec, f"a direction: {metric}:minimize or {metric}:maximize"
             )
-        if metric in GROUND_TRUTH_METRICS and data_kind != "synthetic":
+        if METRICS[metric].needs == GROUND_TRUTH and data_kind != "synthetic":
             raise ConfigError(
                 "sweep.objectives",
                 spec,

@@ -36,6 +36,7 @@ from optuna.distributions import (
 
 from sae_sweep.config import Config
 from sae_sweep.errors import ConfigError
+from sae_sweep.rundir import RESUME_IGNORED_KEYS
 
 Primitive = None | bool | int | float | str
 # The only hydra.* key a sweep reads; other hydra.* keys configure Hydra's own runs and are ignored.
@@ -43,7 +44,7 @@ SWEEP_DIR_KEY = "hydra.sweep.dir"
 SEARCHPATH_KEY = "hydra.searchpath"  # passed on to every trial's composition (README: your own groups)
 # Keys that may change when a sweep is resumed, so not part of what defines the experiment: how it runs
 # (sweep.*; the driver adds the resolved sampler and objectives itself) and what a resumed run ignores.
-RUNTIME_KEYS = ("sweep", "device", "train.progress", "train.checkpoint_every_s")
+RUNTIME_KEYS = ("sweep", *RESUME_IGNORED_KEYS)
 # Grids with more points than this are checked value by value rather than point by point.
 MAX_POINTS_CHECKED = 256
 

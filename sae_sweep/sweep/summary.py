@@ -9,10 +9,10 @@ from typing import Any
 
 import pandas as pd
 
+from sae_sweep.metrics import TERMINAL
 from sae_sweep.report.collect import collect
 from sae_sweep.report.tables import write_tables
 
-TABLE_METRICS = ("fvu", "l0", "explained_variance", "dead_frac", "mcc")
 MAX_TABLE_ROWS = 40
 INTERRUPTED = "interrupted"
 
@@ -59,7 +59,7 @@ def format_table(frame: pd.DataFrame, objectives: list[str]) -> str:
         shown = shown[shown["pareto"]]
         note = f"\n({len(frame)} trials; the Pareto front is shown, all are in report/trials.csv)"
     params = [p for p in frame.attrs.get("swept", []) if p in frame.columns]
-    metrics = [m for m in dict.fromkeys([*objectives, *TABLE_METRICS]) if m in frame.columns]
+    metrics = [m for m in dict.fromkeys([*objectives, *TERMINAL]) if m in frame.columns]
     metrics = [m for m in metrics if frame[m].notna().any() or m in objectives]
     if "dead_frac" in metrics and _has_penalty_arch(frame) and "pct_active_batch" in frame.columns:
         # the notes' per-batch "% active" beside the real dead fraction: they differ, and the notes tracked it

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep import rundir
 from sae_sweep.checks import resolve_device
-from sae_sweep.config import TOPK_FAMILY, USES_SPARSITY_COEF, Config, resolve_recipe, validate
+from sae_sweep.config import Config, resolve_recipe, validate
 from sae_sweep.errors import (
     ConfigError,
     RunStopped,
@@ -31,7 +31,7 @@ from sae_sweep.errors import (
 )
 from sae_sweep.lm_eval import check_lm_eval, lm_eval_metrics
 from sae_sweep.metrics import DeadLatentTracker, density_histogram
-from sae_sweep.models import SAE, build_sae, save_sae
+from sae_sweep.models import SAE, architecture, build_sae, resolve_model_config, save_sae
 from sae_sweep.recipe import l1_lambda_note
 from sae_sweep.rundir import Metrics
 from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
@@ -127,7 +127,7 @@ class Trainer:
         """The recipe's width, coefficient and lr, checked against the data; the step budget."""
         cfg = self.cfg
         d_in = self.data.d_in
-        arch = cfg.model.name
+        self.arch = architecture(cfg.model.name)
         if cfg.batch_size > self.data.n_train_tokens:
             raise ConfigError(
                 "batch_size",
@@ -141,14 +141,21 @@ class Trainer:
             budget = math.ceil(epochs * self.data.n_train_tokens)
         self.total_steps = max(1, math.ceil(budget / cfg.batch_size))
         self.hidden, coef, self.lr = resolve_recipe(
-            arch, d_in, cfg.hidden_dim, cfg.l1_lambda, cfg.lr, steps=self.total_steps, k=cfg.model.k
+            cfg.model.name,
+            d_in,
+            cfg.hidden_dim,
+            cfg.l1_lambda,
+            cfg.lr,
+            steps=self.total_steps,
+            k=cfg.model.get("k"),
         )
         if cfg.lr is None:
             self.lr *= cfg.lr_scale
         self.l1_lambda = coef or 0.0
-        if arch in TOPK_FAMILY and cfg.model.k > self.hidden:
-            raise ConfigError("model.k", cfg.model.k, f"at most hidden_dim ({self.hidden})")
-        if arch == "relu" and (note := l1_lambda_note(self.l1_lambda, d_in, cfg.batch_size)):
+        # again with the width resolved (e.g. model.k at most hidden, when hidden_dim was null)
+        self.arch.check_config(resolve_model_config(cfg.model), cfg.l1_lambda, self.hidden)
+        l1_penalised = self.arch.sparsity_metric == "l1"  # the notes' convention concerns an L1 penalty
+        if l1_penalised and (note := l1_lambda_note(self.l1_lambda, d_in, cfg.batch_size)):
             log.warning("%s", note)
         self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
         self.log_every_steps = max(1, round(cfg.train.log_every_tokens / cfg.batch_size))
@@ -314,8 +321,8 @@ class Trainer:
         )
         metrics: dict[str, Any] = dict(result.metrics)
         self.density, self.latents = result.density, result.latents
-        sparsity = metrics["l0"] if self.cfg.model.name == "jumprelu" else metrics["l1"]
-        metrics["loss"] = metrics["mse"] + self.l1_lambda * sparsity
+        penalised = self.arch.sparsity_metric  # l1, l0; None for the TopK family (loss = mse)
+        metrics["loss"] = metrics["mse"] + (self.l1_lambda * metrics[penalised] if penalised else 0.0)
         return metrics
 
     def final_metrics(self, eval_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -335,8 +342,8 @@ class Trainer:
                 "architecture": self.cfg.model.name,
                 "d_in": self.data.d_in,
                 "hidden_dim": self.hidden,
-                "l1_lambda": self.l1_lambda if self.cfg.model.name in USES_SPARSITY_COEF else None,
-                "k": self.cfg.model.k,
+                "l1_lambda": self.l1_lambda if self.arch.default_coef is not None else None,
+                "k": self.cfg.model.get("k"),
                 "lr": self.lr,
                 "batch_size": self.cfg.batch_size,
                 "scale_factor": self.scale_factor,
