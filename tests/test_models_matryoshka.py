@@ -17,9 +17,10 @@ def make(seed: int = 0, **keys):
     return build_sae(cfg, D, H, torch.Generator().manual_seed(seed))
 
 
-def test_loss_is_the_sum_of_prefix_losses():
+@pytest.mark.parametrize("sparse", [True, False])
+def test_loss_is_the_sum_of_prefix_losses(sparse):
     torch.manual_seed(0)
-    sae = make(aux_k_coef=0.0)
+    sae = make(aux_k_coef=0.0, sparse_kernels=sparse)
     with torch.no_grad():
         sae.b_dec.copy_(torch.randn(D))
         sae.b_enc.copy_(0.1 * torch.randn(H))
@@ -53,10 +54,11 @@ def test_the_narrowest_prefix_ignores_later_latents():
     assert not torch.allclose(a.prefix_reconstructions(fa)[1], b.prefix_reconstructions(fb)[1])
 
 
-def test_gradients_reach_the_first_latents_from_every_prefix():
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gradients_reach_the_first_latents_from_every_prefix(sparse):
     torch.manual_seed(2)
     x = torch.randn(64, D)
-    sae = make(aux_k_coef=0.0)
+    sae = make(aux_k_coef=0.0, sparse_kernels=sparse)
     out = sae(x)
     (g_all,) = torch.autograd.grad(out.mse + out.aux, sae.W_dec)
     (g_full,) = torch.autograd.grad(sae(x).mse, sae.W_dec)

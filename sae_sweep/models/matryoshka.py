@@ -13,7 +13,9 @@ threshold (f = pre where pre > threshold), which SAELens loads as jumprelu.
 
 Prefix widths are `model.prefix_fractions` of hidden, then hidden itself (default 1/16, 1/4, 1: each
 prefix 4x the last). The reconstructions are built group by group (prefix g adds latents m_{g-1}..m_g
-to prefix g-1), so all of them together cost one decode.
+to prefix g-1), so all of them together cost one decode: on the sparse path (default) one bagged
+decode of the active entries (models/kernels), on the dense one (`model.sparse_kernels=false`) a
+matmul per group.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor
 from sae_sweep.errors import ConfigError
 from sae_sweep.models.base import SAE, SAEOutput, dense_output, mse_per_token
 from sae_sweep.models.batchtopk import BatchTopKConfig, BatchTopKSAE
+from sae_sweep.models.kernels import Code, sparse_decode_prefixes
 
 
 @dataclass
@@ -99,7 +102,17 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             start = end
         return out
 
+    def sparse_reconstruct(self, x_BD: Tensor, code: Code) -> tuple[Tensor, Tensor]:
+        """The sparse path's reconstructions of every prefix in one decode; the inner errors go to aux."""
+        x_hats = sparse_decode_prefixes(code, self.W_dec, self.prefix_widths, self.kernels) + self.b_dec
+        inner = x_BD.new_zeros((), dtype=torch.float32)
+        for x_hat_g in x_hats[:-1]:
+            inner = inner + mse_per_token(x_BD, x_hat_g)
+        return x_hats[-1], inner
+
     def forward(self, x_BD: Tensor) -> SAEOutput:
+        if self.sparse_kernels:  # BatchTopK's sparse path, with sparse_reconstruct above
+            return super().forward(x_BD)
         pre_BH = self.pre_acts(x_BD)
         f_BH = self.select(pre_BH)  # BatchTopK over all latents (updates the inference threshold)
         *inner, x_hat_BD = self.prefix_reconstructions(f_BH)
