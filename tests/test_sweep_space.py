@@ -158,7 +158,7 @@ def test_plan_study_name_is_derived_from_the_command(composer):
         (["lr=1e-3,1e-4", "sweep.launcher=slurm"], "sweep.storage", "journal file"),
         (["lr=1e-3", "sweep.workers=0"], "sweep.workers", "positive"),
         (["lr=1e-3", "sweep.objectives=[nope]"], "sweep.objectives", "metric names"),
-        (["lr=1e-3", "nokey=1"], "nokey", "Hydra can compose"),
+        (["lr=1e-3", "nokey=1"], "nokey", "a known key (top-level keys"),
         (["lr=1e-3", "sweep.study_name=data"], "sweep.study_name", "other than"),
     ],
 )
