@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from sae_sweep.metrics import TERMINAL
+from sae_sweep.models.registry import architectures
 from sae_sweep.report.collect import collect
 from sae_sweep.report.tables import write_tables
 
@@ -46,7 +47,8 @@ def _fmt(value: Any) -> str:
 
 
 def _has_penalty_arch(frame: pd.DataFrame) -> bool:
-    return "architecture" in frame.columns and bool(frame["architecture"].isin(["relu", "jumprelu"]).any())
+    penalised = [name for name, cls in architectures().items() if cls.family == "penalty"]
+    return "architecture" in frame.columns and bool(frame["architecture"].isin(penalised).any())
 
 
 def format_table(frame: pd.DataFrame, objectives: list[str]) -> str:
