@@ -11,15 +11,16 @@ import pytest
 from test_sweep_run import small_args
 
 from sae_sweep import recipe
-from sae_sweep.config import default_lr, resolve_recipe, validate
+from sae_sweep.config import resolve_recipe, validate
 from sae_sweep.errors import ConfigError
+from sae_sweep.models import architecture
 from sae_sweep.sweep import driver, saved
 from sae_sweep.train import train
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_fewer_steps_get_a_larger_lr_and_long_budgets_the_architectures_rule(arch: str) -> None:
-    base = default_lr(arch, 256, 2048)
+    base = architecture(arch).default_lr(256, 2048)
     lrs = [resolve_recipe(arch, 256, 2048, None, None, steps=s, k=16)[2] for s in (1000, 4000, 16000)]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(2 * lrs[1]) and lrs[-1] > base
     assert max(lrs) <= recipe.TOPK_LR_CAP
@@ -32,7 +33,8 @@ def test_fewer_steps_get_a_larger_lr_and_long_budgets_the_architectures_rule(arc
 def test_penalty_architectures_keep_their_rule_at_every_budget(arch: str) -> None:
     # The built-in default run (relu, ~1000 steps) must not move: it is the MCC >= 0.9 reference.
     for steps in (50, 1000, 10**6):
-        assert resolve_recipe(arch, 256, 2048, None, None, steps=steps)[2] == default_lr(arch, 256, 2048)
+        rule = architecture(arch).default_lr(256, 2048)
+        assert resolve_recipe(arch, 256, 2048, None, None, steps=steps)[2] == rule
 
 
 def test_the_run_records_the_recipe_lr_for_its_steps_and_lr_scale(make_cfg) -> None:
@@ -40,7 +42,7 @@ def test_the_run_records_the_recipe_lr_for_its_steps_and_lr_scale(make_cfg) -> N
     metrics = train(cfg)
     expected = resolve_recipe("topk", 32, 128, None, None, steps=100, k=3)[2]
     assert metrics["steps"] == 100 and metrics["lr"] == pytest.approx(expected)
-    assert expected > default_lr("topk", 32, 128)
+    assert expected > architecture("topk").default_lr(32, 128)
     half = make_cfg("topk", k=3, tokens=51_200, batch_size=512, lr_scale=0.5, out_dir=cfg.out_dir + "-half")
     assert train(half)["lr"] == pytest.approx(expected / 2)
     given = make_cfg("topk", k=3, tokens=51_200, batch_size=512, lr=2e-3, out_dir=cfg.out_dir + "-given")
