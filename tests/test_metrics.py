@@ -323,4 +323,5 @@ def test_running_proxies_point_the_way_of_their_metric():
         # a worse running value of the column (higher, as all these columns are "lower is better")
         # must look worse to the pruner whatever the metric's own direction
         worse_row = {**row, m.running: row[m.running] * 2}
-        assert better.badness(worse_row) > better.badness(row), name
+        worse, base = better.badness(worse_row), better.badness(row)
+        assert worse is not None and base is not None and worse > base, name

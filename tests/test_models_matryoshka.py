@@ -1,5 +1,7 @@
 """Matryoshka BatchTopK: the loss is the sum of the nested prefixes' reconstruction errors; it trains."""
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from sae_sweep.train import train
 D, H, K = 16, 64, 4
 
 
-def make(seed: int = 0, **keys):
+def make(seed: int = 0, **keys) -> Any:
     cfg = model_config("matryoshka_batchtopk", k=K, prefix_fractions=[0.125, 0.5], **keys)
     return build_sae(cfg, D, H, torch.Generator().manual_seed(seed))
 
@@ -83,17 +85,17 @@ def test_inference_uses_the_running_threshold_and_survives_saving(tmp_path):
     threshold = float(sae.threshold)
     assert threshold > 0 and bool(((f == 0) | (f > threshold)).all())
     save_sae(sae, tmp_path / "sae.safetensors", scale_factor=1.0, raw_mean_norm=1.0)
-    back = load_sae(tmp_path)
+    back: Any = load_sae(tmp_path)
     assert back.architecture == "matryoshka_batchtopk" and float(back.threshold) == pytest.approx(threshold)
     torch.testing.assert_close(back.encode(x), f)
 
 
 def test_trains_and_improves_on_the_small_synthetic_data(make_cfg):
     cfg = make_cfg(model="matryoshka_batchtopk", k=3, tokens=200_000)
-    metrics = train(cfg)
+    metrics: Any = train(cfg)
     assert metrics["architecture"] == "matryoshka_batchtopk" and metrics["status"] == "completed"
-    untrained = build_sae(cfg.model, 32, 128, torch.Generator().manual_seed(0))
-    truth = open_dataset(cfg.data, progress=False).ground_truth
+    untrained: Any = build_sae(cfg.model, 32, 128, torch.Generator().manual_seed(0))
+    truth: Any = open_dataset(cfg.data, progress=False).ground_truth
     assert truth is not None
     before = mcc(truth.features, untrained.W_dec.detach())  # ~0.46: 128 random directions, 96 features
     assert metrics["mcc"] > before + 0.15, (before, metrics["mcc"])

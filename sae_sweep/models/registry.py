@@ -114,7 +114,7 @@ def config_fields(config_class: type[ModelConfig]) -> list[tuple[str, type]]:
     return out
 
 
-def model_config(name: str, **values: Any) -> ModelConfig:
+def model_config(name: str, **values: Any) -> Any:  # the architecture's own config class
     """The config of architecture `name` with `values` set; a key this architecture lacks is refused
     unless its value is None (so `model_config(name, k=None)` suits every architecture)."""
     return resolve_model_config({"name": name, **values}, drop_none=True)
