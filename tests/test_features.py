@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 
 from test_harvest import make_tiny_gpt2  # noqa: E402
 
-from sae_sweep.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from sae_sweep.config import Config, DataConfig, TrainConfig  # noqa: E402
 from sae_sweep.data import open_dataset  # noqa: E402
 from sae_sweep.errors import ConfigError  # noqa: E402
 from sae_sweep.features import FeaturesConfig, build_features, parse_args  # noqa: E402
@@ -35,7 +35,7 @@ from sae_sweep.harvest import harvest  # noqa: E402
 from sae_sweep.harvest import parse_args as harvest_args  # noqa: E402
 from sae_sweep.harvest.hooks import load_model  # noqa: E402
 from sae_sweep.harvest.text import resolve_text  # noqa: E402
-from sae_sweep.models import load_sae  # noqa: E402
+from sae_sweep.models import load_sae, model_config  # noqa: E402
 from sae_sweep.train import train  # noqa: E402
 
 FAST = FeaturesConfig(latents=12, extremes=3, top_contexts=5, random_contexts=3, logits=5, progress=False)
@@ -43,7 +43,7 @@ FAST = FeaturesConfig(latents=12, extremes=3, top_contexts=5, random_contexts=3,
 
 def train_run(acts: Path, out: Path, k: int = 4, hidden: int = 128, tokens: int = 20_000, **data) -> Path:
     cfg = Config(
-        model=ModelConfig(name="topk", k=k),
+        model=model_config("topk", k=k),
         data=DataConfig(kind="shards", path=str(acts), chunk_tokens=256, test_fraction=0.25, **data),
         train=TrainConfig(progress=False, log_every_tokens=4096),
         batch_size=256,

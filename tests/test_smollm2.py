@@ -22,14 +22,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from sae_sweep.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from sae_sweep.config import Config, DataConfig, TrainConfig  # noqa: E402
 from sae_sweep.errors import ConfigError  # noqa: E402
 from sae_sweep.features import FeaturesConfig, build_features  # noqa: E402
 from sae_sweep.harvest import read_manifest, read_provenance  # noqa: E402
 from sae_sweep.harvest.hooks import capture, find_site, load_model, resolve_model  # noqa: E402
 from sae_sweep.harvest.text import batches, framing, resolve_text  # noqa: E402
 from sae_sweep.lm_eval import LMEvalConfig, lm_eval_metrics  # noqa: E402
-from sae_sweep.models import build_sae, load_sae  # noqa: E402
+from sae_sweep.models import build_sae, load_sae, model_config  # noqa: E402
 from sae_sweep.train import train  # noqa: E402
 
 D = 576
@@ -44,7 +44,7 @@ def _model():
 def smollm2_run(smollm2_acts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-run") / "run"
     cfg = Config(
-        model=ModelConfig(name="topk", k=32),
+        model=model_config("topk", k=32),
         data=DataConfig(kind="shards", path=str(smollm2_acts), chunk_tokens=256, test_fraction=0.25),
         train=TrainConfig(progress=False, log_every_tokens=4096),
         batch_size=256,
@@ -117,7 +117,7 @@ def test_recipe_copes_with_large_norms_and_outlier_dimensions(smollm2_acts, smol
 
 def _identity_sae():
     eye = torch.eye(D)
-    sae = build_sae(ModelConfig(name="relu"), D, 2 * D)
+    sae = build_sae(model_config("relu"), D, 2 * D)
     sae.load_plain({"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * D),
                     "W_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(D)})  # fmt: skip
     return sae.eval()

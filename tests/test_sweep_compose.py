@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from sae_sweep.errors import ConfigError
+from sae_sweep.models.registry import architectures
 from sae_sweep.sweep import driver
 from sae_sweep.sweep.compose import Composer
 
@@ -34,7 +35,8 @@ def test_a_sweep_over_an_unknown_option_lists_them_all(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     assert driver.run(["model=relu,nosuch", f"hydra.sweep.dir={tmp_path / 's'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "one of batchtopk, jumprelu, relu, topk" in err, err
+    every_architecture = ", ".join(sorted(architectures()))  # every registered one, not only the first
+    assert err.count("\n") == 0 and f"one of {every_architecture}" in err, err
     assert not (tmp_path / "s").exists()
 
 
