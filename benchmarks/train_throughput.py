@@ -57,23 +57,34 @@ def bound_time(batch: int, d_in: int, hidden: int, k: int, repeats: int = 3) -> 
 
 def in_loop_tokens_s(arch: str, batch: int, d_in: int, hidden: int, k: int, steps: int, root: Path) -> float:
     """Tokens/s of `steps` steps through the training loop (the run's train_seconds), on random shards."""
-    from omegaconf import OmegaConf
-
     from benchmarks.sweep_packing import write_shards
-    from sae_sweep.config import Config
+    from sae_sweep import compose_config
+    from sae_sweep.errors import TrainingCollapsed
+    from sae_sweep.rundir import read_metrics
     from sae_sweep.train.trainer import train
 
     data = root / f"shards_{d_in}"
     if not data.exists():
         data.mkdir()
         write_shards(data, max(4 * batch, 65536), d_in)
-    cfg = OmegaConf.structured(Config)
-    cfg.model.name, cfg.model.k = arch, k
-    cfg.hidden_dim, cfg.batch_size, cfg.tokens, cfg.device = hidden, batch, batch * steps, "cpu"
-    cfg.data.kind, cfg.data.path = "shards", str(data)
-    cfg.train.progress = False
-    cfg.out_dir = str(root / f"run_{arch}_{hidden}")
-    metrics = train(cfg)
+    cfg = compose_config(
+        [
+            f"model={arch}",
+            f"model.k={k}",
+            f"hidden_dim={hidden}",
+            f"batch_size={batch}",
+            f"tokens={batch * steps}",
+            "device=cpu",
+            "data=shards",
+            f"data.path={data}",
+            "train.progress=false",
+        ],
+        out_dir=root / f"run_{arch}_{hidden}",
+    )
+    try:
+        metrics = train(cfg)
+    except TrainingCollapsed:  # a few steps on random data may explain nothing; the speed still counts
+        metrics = read_metrics(cfg.out_dir) or {}
     return float(metrics.get("tokens_per_s", float("nan")))
 
 
