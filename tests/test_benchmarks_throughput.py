@@ -7,7 +7,8 @@ import sys
 
 def test_train_throughput_runs_every_piece_including_the_training_loop():
     cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--d-in", "32", "--hidden", "128"]
-    cmd += ["--batch", "128", "--k", "8", "--steps", "1", "--arch", "relu", "topk", "batchtopk", "--loop-steps", "2"]
+    cmd += ["--batch", "128", "--k", "8", "--steps", "1", "--loop-steps", "2"]
+    cmd += ["--arch", "relu", "topk", "batchtopk"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
