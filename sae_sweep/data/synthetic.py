@@ -37,10 +37,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm import tqdm
 
 from sae_sweep import rundir
 from sae_sweep.errors import ConfigError, DataError
+from sae_sweep.progress import progress_bar
 
 __all__ = ["GENERATOR_VERSION", "GroundTruth", "SyntheticParams", "ensure_synthetic", "load_ground_truth"]
 
@@ -340,7 +340,7 @@ def _write_shards(
     counts: list[Tensor] = []
     indices: list[Tensor] = []
     chunk_index = 0
-    bar = tqdm(total=p.n_tokens, unit="tok", unit_scale=True, desc="synthetic data", disable=not progress)
+    bar = progress_bar(total=p.n_tokens, unit="tok", unit_scale=True, desc="synthetic data", enabled=progress)
     with bar:
         for name, rows in plan:
             shard = np.lib.format.open_memmap(folder / name, "w+", np.float32, (rows, p.d_in))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sae_sweep.data.shards import ActivationDataset, Span, first_rows
 from sae_sweep.models.base import SAE
+from sae_sweep.progress import progress_bar
 
 # Activation histograms: log10 of positive activations in fixed bins, so pages and runs compare.
 HIST_LO, HIST_HI, HIST_BINS = -3.0, 4.0, 56
@@ -70,7 +70,7 @@ def scan(
     gen = torch.Generator().manual_seed(seed)
     offsets = np.concatenate([[0], np.cumsum([s.rows for s in spans])[:-1]]).astype(np.int64)
     n_rows = int(sum(s.rows for s in spans))
-    bar = tqdm(total=n_rows, unit="tok", desc="features", disable=not progress or None)
+    bar = progress_bar(total=n_rows, unit="tok", desc="features", enabled=progress)
     for span, offset in zip(spans, offsets, strict=True):
         x = torch.empty(span.rows, ds.d_in)
         ds.shards[span.shard].read_into(span.start, span.stop, x)

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
-from tqdm.auto import tqdm
 
 from sae_sweep import rundir
 from sae_sweep._version import __version__
@@ -37,6 +36,7 @@ from sae_sweep.errors import ConfigError
 from sae_sweep.harvest.config import HarvestConfig, parse_args
 from sae_sweep.harvest.hooks import capture, find_site, is_causal_lm, load_model, tokenizer_record
 from sae_sweep.harvest.text import batches, framing, resolve_text
+from sae_sweep.progress import progress_bar
 
 __all__ = ["HarvestConfig", "harvest", "parse_args", "read_manifest", "read_provenance", "MANIFEST"]
 
@@ -175,7 +175,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Any]:
     pending: list[torch.Tensor] = []
     pending_tokens: list[torch.Tensor] = []
     n_pending, seen, model_s, computed = 0, 0, 0.0, 0
-    bar = tqdm(total=cfg.tokens, initial=done, unit="tok", disable=not cfg.progress, desc="harvest")
+    bar = progress_bar(total=cfg.tokens, initial=done, unit="tok", enabled=cfg.progress, desc="harvest")
     docs = source.indexed("train")
     for batch in batches(docs, tokenizer, frame, cfg.context_length, cfg.batch_size, cfg.drop_bos):
         n_keep = batch.n_keep

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
-from tqdm import tqdm  # not tqdm.auto: it warns on import in notebooks without ipywidgets
 
 from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
 from sae_sweep.metrics import METRICS as ALL_METRICS
 from sae_sweep.metrics import RUN_FACTS, every_run_has, running_columns
+from sae_sweep.progress import progress_bar
 from sae_sweep.rundir import RESUME_IGNORED_KEYS
 from sae_sweep.sweep.queue import IDENTITY_ATTR  # where a study records its objectives
 
@@ -372,7 +372,7 @@ def collect_sweep(
     }
     rows = []
     numbers = sorted(set(dirs) | set(by_number))
-    for number in tqdm(numbers, desc=f"collect {name}", unit="trial", disable=not progress or None):
+    for number in progress_bar(numbers, desc=f"collect {name}", unit="trial", enabled=progress):
         trial = by_number.get(number)
         run_dir = dirs.get(number) or _trial_run_dir(sweep_dir, number, trial)
         row: dict[str, Any] = {"sweep": name, "trial": number}

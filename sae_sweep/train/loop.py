@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from sae_sweep.checks import resolve_device
 from sae_sweep.config import Config
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
 from sae_sweep.errors import RunStopped
+from sae_sweep.progress import progress_bar
 from sae_sweep.rundir import Metrics
 
 if TYPE_CHECKING:  # the members' type only: trainer.py imports this module to run them
@@ -148,10 +148,10 @@ class _PackLoop:
         self.checkpoint_every_s = min(m.cfg.train.checkpoint_every_s for m in members)
         self.last_checkpoint = time.monotonic()
         self.sync = first.device.type == "cuda"
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=sum(m.total_steps for m in members),
             initial=sum(m.state.step for m in members),
-            disable=not cfg.train.progress,
+            enabled=cfg.train.progress,
             unit="step",
             desc=f"{cfg.model.name} h={first.hidden}"
             if self.single
