@@ -25,8 +25,9 @@ def test_bar_is_quiet_when_stderr_is_a_file(monkeypatch):
 
 
 def test_a_run_with_redirected_output_writes_no_progress_bar(tmp_path):
-    cmd = [sys.executable, "-m", "sae_sweep", "tokens=20000", "hidden_dim=64", f"hydra.run.dir={tmp_path / 'run'}"]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sae_sweep", "tokens=20000", "hidden_dim=64", f"hydra.run.dir={run_dir}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "run" / "metrics.json").exists()
+    assert (run_dir / "metrics.json").exists()
     assert "it/s" not in done.stderr and "step/s" not in done.stderr and "%|" not in done.stderr, done.stderr
