@@ -165,3 +165,17 @@ def test_feature_browser_shows_pydoc_text_and_unembedding_effects(smollm2_run):
     W_dec = load_sae(smollm2_run).W_dec.detach()
     r = s["latents"][0]
     assert [t for t, _ in r["promotes"]] == (W_dec[r["latent"]] @ W_U.T).topk(5).indices.tolist()
+
+
+def test_lm_eval_cost_benchmark_scores_runs_as_a_worker_does(smollm2_acts, smollm2_run, capsys):
+    from benchmarks import lm_eval_cost
+
+    # the same eval.lm settings as LM, so the loaded model and its baselines are reused
+    same_as_lm = [f"tokens={LM.tokens}", f"batch_size={LM.batch_size}", f"device={LM.device}"]
+    lm_eval_cost.main([str(smollm2_run), str(smollm2_run), *same_as_lm])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    runs, (summary,) = rows[:-1], rows[-1:]
+    assert [r["bench"] for r in runs] == ["lm_eval", "lm_eval"] and summary["bench"] == "lm_eval_cost"
+    direct = lm_eval_metrics(load_sae(smollm2_run), LM, smollm2_acts)
+    assert all(r["ce_loss_score"] == pytest.approx(direct["ce_loss_score"], abs=1e-4) for r in runs)
+    assert summary["first_call_s"] > 0 and summary["per_trial_s"] > 0
