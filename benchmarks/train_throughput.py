@@ -93,7 +93,7 @@ def step_time(arch: str, sparse: bool, batch: int, d_in: int, hidden: int, k: in
     topk_keys = {"k": k, "sparse_kernels": sparse} if architecture(arch).family == "topk" else {}
     cfg = model_config(arch, **topk_keys)
     sae = build_sae(cfg, d_in, hidden, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer
     x = torch.randn(batch, d_in) * 2
 
     def one() -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from sae_sweep.checks import one_of, positive
 from sae_sweep.errors import ConfigError
 from sae_sweep.models.base import SAE, ModelConfig, SAEOutput, dense_output, mse_per_token
-from sae_sweep.models.kernels import Code, fired, sparse_decode, sparse_encode, topk_code
+from sae_sweep.models.kernels import Code, Selection, fired, sparse_decode, sparse_encode, topk_code
 from sae_sweep.models.kernels.choice import kernels_problem
 
 KERNELS = ("auto", "torch", "triton")  # model.kernels (sae_sweep/models/kernels)
@@ -172,17 +172,8 @@ class TopKSAE(SAE):
         # dead. Asking costs a host sync, free on CPU; on CUDA the masked pass runs instead.
         if dead_H is not None and x_BD.device.type == "cpu" and not bool(dead_H.any()):
             dead_H = None
-        code, aux_code = sparse_encode(
-            x_BD,
-            self.W_enc,
-            self.b_enc,
-            self.b_dec,
-            self.select_code,
-            dead_H,
-            self.aux_k,
-            self.subtract_b_dec,
-            self.kernels,
-        )
+        how = Selection(self.select_code, dead_H, self.aux_k, self.subtract_b_dec, self.kernels)
+        code, aux_code = sparse_encode(x_BD, self.W_enc, self.b_enc, self.b_dec, how)
         x_hat_BD, aux = self.sparse_reconstruct(x_BD, code)
         if dead_H is not None:
             residual_BD = (x_BD - x_hat_BD).detach()

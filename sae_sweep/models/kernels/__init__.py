@@ -18,6 +18,7 @@ from sae_sweep.models.kernels.choice import (
 )
 from sae_sweep.models.kernels.sparse import (
     Code,
+    Selection,
     batch_top_values,
     batch_topk_code,
     fired,
@@ -25,11 +26,13 @@ from sae_sweep.models.kernels.sparse import (
     sparse_decode_prefixes,
     sparse_encode,
     topk_code,
+    transposed_product,
 )
 
 __all__ = [
     "TRITON_FASTER_ON_CUDA",
     "Code",
+    "Selection",
     "batch_top_values",
     "batch_topk_code",
     "fired",
@@ -40,5 +43,6 @@ __all__ = [
     "sparse_decode_prefixes",
     "sparse_encode",
     "topk_code",
+    "transposed_product",
     "triton_available",
 ]
