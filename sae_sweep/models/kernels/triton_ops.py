@@ -8,11 +8,12 @@ H = hidden latents.
 - gather_dot:      out[j] = <G[rows[j]], W[idx[j]]>                       (gradient of the k values)
 - segment_scatter: out[h] = sum_{j : idx[j] = h} w[j] * src[rows[j]]      (W_dec and W_enc gradients)
 
-segment_scatter is the transposed product. Instead of one atomic add per entry into out[idx[j]]
+gather_sum and segment_scatter are one kernel, a segment sum: each program owns one row of `out` and
+sums its segment of entries in registers, storing once. For gather_sum the segments are the tokens'
+own; segment_scatter is the transposed product: instead of one atomic add per entry into out[idx[j]]
 (thousands of tokens hit the same popular latent), the entries are sorted by latent once and each
-program owns one latent's rows of `out`, summing its segment in registers and storing once: no
-atomics, and no zero-fill of `out` (an empty segment stores zeros). Programs are launched busiest
-latent first, so the longest segments do not trail at the end of the grid.
+latent's segment summed the same way: no atomics, and no zero-fill of `out` (an empty segment stores
+zeros). Its programs are launched busiest latent first, so the longest segments do not trail.
 
 Accumulation is fp32 whatever the storage dtype. Under TRITON_INTERPRET=1 the kernels run on CPU
 tensors (slowly), which is how the tests check them against the torch path.
@@ -45,19 +46,20 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     del interpret
 
     @triton.jit
-    def gather_sum_kernel(out_ptr, idx_ptr, vals_ptr, bounds_ptr, w_ptr, D, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def segment_sum_kernel(out_ptr, order_ptr, seg_ptr, sel_ptr, w_ptr, src_ptr, D, BLOCK_D: tl.constexpr):
+        # out[o] = sum over j in seg[o]:seg[o+1] of w[j] * src[sel[j]], for o = order[program]
+        o = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
-        start = tl.load(bounds_ptr + row)
-        end = tl.load(bounds_ptr + row + 1)
+        start = tl.load(seg_ptr + o)
+        end = tl.load(seg_ptr + o + 1)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in range(start, end):
-            latent = tl.load(idx_ptr + j).to(tl.int64)
-            v = tl.load(vals_ptr + j).to(tl.float32)
-            w = tl.load(w_ptr + latent * D + cols, mask=mask, other=0.0).to(tl.float32)
-            acc += v * w
-        tl.store(out_ptr + row * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            r = tl.load(sel_ptr + j).to(tl.int64)
+            v = tl.load(w_ptr + j).to(tl.float32)
+            s = tl.load(src_ptr + r * D + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += v * s
+        tl.store(out_ptr + o * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def gather_dot_kernel(
@@ -76,30 +78,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             acc += tl.sum(g * w, axis=1)
         tl.store(out_ptr + ents, acc, mask=emask)
 
-    @triton.jit
-    def segment_scatter_kernel(
-        out_ptr, order_ptr, seg_ptr, perm_ptr, rows_ptr, w_ptr, src_ptr, D, BLOCK_D: tl.constexpr
-    ):
-        latent = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = cols < D
-        start = tl.load(seg_ptr + latent)
-        end = tl.load(seg_ptr + latent + 1)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(start, end):
-            e = tl.load(perm_ptr + j).to(tl.int64)
-            r = tl.load(rows_ptr + e).to(tl.int64)
-            v = tl.load(w_ptr + e).to(tl.float32)
-            s = tl.load(src_ptr + r * D + cols, mask=mask, other=0.0).to(tl.float32)
-            acc += v * s
-        tl.store(out_ptr + latent * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
     return SimpleNamespace(
         cdiv=triton.cdiv,
         next_power_of_2=triton.next_power_of_2,
-        gather_sum=gather_sum_kernel,
+        segment_sum=segment_sum_kernel,
         gather_dot=gather_dot_kernel,
-        segment_scatter=segment_scatter_kernel,
     )
 
 
@@ -111,17 +94,26 @@ def _block_d(D: int, block_d: int | None) -> int:
     return block_d if block_d is not None else min(MAX_BLOCK_D, _k().next_power_of_2(D))
 
 
-def gather_sum(idx: Tensor, vals: Tensor, bounds: Tensor, W: Tensor, block_d: int | None = None) -> Tensor:
-    """[B, D] with out[b] = sum over token b's entries of vals[j] * W[idx[j]]; dtype of W."""
+def _segment_sum(
+    n_out: int, order: Tensor, seg: Tensor, sel: Tensor, w: Tensor, src: Tensor, block_d: int | None
+) -> Tensor:
+    """[n_out, D] with out[o] = sum over j in seg[o]:seg[o+1] of w[j] * src[sel[j]]; rows in `order`."""
     k = _k()
-    B, D = bounds.numel() - 1, W.shape[1]
-    out = torch.empty(B, D, dtype=W.dtype, device=W.device)
+    D = src.shape[1]
+    out = torch.empty(n_out, D, dtype=src.dtype, device=src.device)
     bd = _block_d(D, block_d)
-    if B > 0:
-        k.gather_sum[(B, k.cdiv(D, bd))](
-            out, idx.contiguous(), vals.contiguous(), bounds.contiguous(), W.contiguous(), D, BLOCK_D=bd
+    if n_out > 0:
+        k.segment_sum[(n_out, k.cdiv(D, bd))](
+            out, order, seg.contiguous(), sel.contiguous(), w.contiguous(), src.contiguous(), D, BLOCK_D=bd
         )
     return out
+
+
+def gather_sum(idx: Tensor, vals: Tensor, bounds: Tensor, W: Tensor, block_d: int | None = None) -> Tensor:
+    """[B, D] with out[b] = sum over token b's entries of vals[j] * W[idx[j]]; dtype of W."""
+    B = bounds.numel() - 1
+    order = torch.arange(B, device=W.device)
+    return _segment_sum(B, order, bounds, idx, vals, W, block_d)
 
 
 def gather_dot(idx: Tensor, rows: Tensor, G: Tensor, W: Tensor, block_d: int | None = None) -> Tensor:
@@ -148,18 +140,9 @@ def segment_scatter(
     idx: Tensor, rows: Tensor, w: Tensor, src: Tensor, hidden: int, block_d: int | None = None
 ) -> Tensor:
     """[hidden, D] with out[h] = sum over entries j with idx[j] = h of w[j] * src[rows[j]]."""
-    k = _k()
-    D = src.shape[1]
-    out = torch.empty(hidden, D, dtype=src.dtype, device=src.device)
-    idx = idx.contiguous()
-    perm = idx.argsort()  # entries grouped by latent
-    counts = torch.bincount(idx, minlength=hidden)
+    latent, perm = idx.sort(stable=True)  # entries grouped by latent
+    counts = torch.bincount(latent, minlength=hidden)
     seg = torch.zeros(hidden + 1, dtype=torch.int64, device=idx.device)
     torch.cumsum(counts, 0, out=seg[1:])
     order = counts.argsort(descending=True)  # busiest latents first
-    bd = _block_d(D, block_d)
-    if hidden > 0:
-        k.segment_scatter[(hidden, k.cdiv(D, bd))](
-            out, order, seg, perm, rows.contiguous(), w.contiguous(), src.contiguous(), D, BLOCK_D=bd
-        )
-    return out
+    return _segment_sum(hidden, order, seg, rows[perm], w[perm], src, block_d)
