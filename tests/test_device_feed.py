@@ -2,6 +2,7 @@
 order and values are kept, copies run a bounded `depth` ahead, and each batch is waited on before use."""
 
 import weakref
+from typing import Any, cast
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_cuda_path_copies_the_pinned_tensor_not_the_source(fake_cuda):
             return super().copy(x)
 
     feed = DeviceFeed(iter(make_batches(4)), CUDA, depth=2, host_thread=False)
-    feed._ops = PinRecorder(CUDA)
+    feed._ops = cast(Any, PinRecorder(CUDA))  # a fake of the private CUDA ops
     assert len(list(feed)) == 4 and len(pinned) == 4
 
 
@@ -184,7 +185,7 @@ def test_host_thread_gathers_and_pins_off_the_loop_in_order(fake_cuda):
 
     source = Tracked(make_batches(11))
     feed = DeviceFeed(source, CUDA, depth=2)
-    feed._ops = ThreadRecorder(CUDA)
+    feed._ops = cast(Any, ThreadRecorder(CUDA))
     out = list(feed)
     assert [(e, b) for e, b, _ in out] == positions(11)
     for i, (_, _, x) in enumerate(out):
@@ -217,7 +218,7 @@ def test_close_stops_a_host_thread_blocked_on_a_full_queue(fake_cuda):
     ahead = state["yielded"]
     assert ahead <= 1 + 2 + 2 + 1  # handed out + copies in flight + queue + the one it holds
     feed.close()
-    assert state["finally"] and not feed._host.thread.is_alive()
+    assert state["finally"] and feed._host is not None and not feed._host.thread.is_alive()
 
 
 def test_depth_must_be_positive():

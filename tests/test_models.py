@@ -1,18 +1,35 @@
 """Each architecture behind the SAE interface: recipe initialisation, loss conventions, folding, loading."""
 
 import math
+from typing import TypeVar
 
 import pytest
 import torch
 
-from sae_sweep.models import build_sae, load_sae, model_config, save_sae
-from sae_sweep.models.topk import topk_relu
+from sae_sweep.models import SAE, build_sae, load_sae, model_config, save_sae
+from sae_sweep.models.batchtopk import BatchTopKSAE
+from sae_sweep.models.jumprelu import JumpReLUSAE
+from sae_sweep.models.topk import TopKSAE, topk_relu
+
+SAEType = TypeVar("SAEType", bound=SAE)
 
 ARCHS = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None)]
 
 
 def make(name, k, d_in=16, hidden=64, seed=0):
     return build_sae(model_config(name, k=k), d_in, hidden, torch.Generator().manual_seed(seed))
+
+
+def make_as(cls: type[SAEType], name, k, d_in=16, hidden=64, seed=0) -> SAEType:
+    """`make`, typed as the architecture's class (its own attributes: k, thresholds, buffers)."""
+    sae = make(name, k, d_in, hidden, seed)
+    assert isinstance(sae, cls)
+    return sae
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    assert t.grad is not None
+    return t.grad
 
 
 def test_relu_recipe_initialisation():
@@ -38,14 +55,16 @@ def test_relu_penalty_is_decoder_norm_weighted_l1_mean_over_tokens():
 
 @pytest.mark.parametrize("name,k", [("topk", 4), ("batchtopk", 4)])
 def test_topk_family_unit_decoder_and_sparsity(name, k):
-    sae = make(name, k)
+    sae = make_as(TopKSAE, name, k)
     assert torch.allclose(sae.dec_norms(), torch.ones(64), atol=1e-5)
     x = torch.randn(32, 16)
     if name == "topk":
         l0 = (sae.encode(x) > 0).sum(-1).float()
     else:  # the training latents, from the dense reference of the same model
         sae.sparse_kernels = False
-        l0 = (sae(x).f > 0).sum(-1).float()
+        f = sae(x).f
+        assert f is not None
+        l0 = (f > 0).sum(-1).float()
         sae.sparse_kernels = True
     out = sae(x)
     assert out.l0.item() == pytest.approx(l0.mean().item())
@@ -56,7 +75,7 @@ def test_topk_family_unit_decoder_and_sparsity(name, k):
     # the step keeps decoder rows unit norm, and the projected gradient has no radial part
     (out.mse + out.aux).backward()
     sae.before_optimizer_step()
-    radial = (sae.W_dec.grad * sae.W_dec).sum(-1)
+    radial = (_grad(sae.W_dec) * sae.W_dec).sum(-1)
     assert radial.abs().max() < 1e-5
     with torch.no_grad():
         sae.W_dec.add_(0.3 * torch.randn_like(sae.W_dec))
@@ -70,12 +89,12 @@ def test_topk_relu_keeps_k_largest():
 
 
 def test_auxk_reaches_the_encoder_of_dead_latents():
-    sae = make("topk", 2)
+    sae = make_as(TopKSAE, "topk", 2)
     sae.tokens_since_fired.fill_(sae.aux_dead_tokens)  # every latent counts as dead
     out = sae(torch.randn(64, 16) * 3)
     assert out.aux.item() > 0
     out.aux.backward()
-    assert sae.W_enc.grad.abs().sum() > 0
+    assert _grad(sae.W_enc).abs().sum() > 0
 
 
 def test_auxk_is_zero_without_dead_latents():
@@ -85,7 +104,7 @@ def test_auxk_is_zero_without_dead_latents():
 
 
 def test_batchtopk_threshold_tracks_kept_activations():
-    sae = make("batchtopk", 4)
+    sae = make_as(BatchTopKSAE, "batchtopk", 4)
     x = torch.randn(256, 16) * 2
     for _ in range(5):
         sae(x)
@@ -99,12 +118,13 @@ def test_batchtopk_threshold_tracks_kept_activations():
 
 
 def test_jumprelu_threshold_learns_from_l0_penalty():
-    sae = make("jumprelu", None)
+    sae = make_as(JumpReLUSAE, "jumprelu", None)
     x = torch.randn(512, 16) * 2
     out = sae(x)
     out.sparsity.backward()
     # penalising L0 pushes thresholds up (negative gradient) where pre-activations sit near them
-    assert (sae.log_threshold.grad <= 0).all() and (sae.log_threshold.grad < 0).any()
+    g = _grad(sae.log_threshold)
+    assert (g <= 0).all() and (g < 0).any()
     assert out.sparsity.item() == pytest.approx(float((out.f != 0).sum(-1).float().mean()), rel=1e-5)
 
 
@@ -156,7 +176,8 @@ def test_load_sae_refuses_a_foreign_file(tmp_path):
 
 
 def _pair(d_in=24, hidden=96, k=5, seed=3):
-    sparse, dense = make("topk", k, d_in, hidden, seed), make("topk", k, d_in, hidden, seed)
+    sparse = make_as(TopKSAE, "topk", k, d_in, hidden, seed)
+    dense = make_as(TopKSAE, "topk", k, d_in, hidden, seed)
     dense.sparse_kernels = False
     with torch.no_grad():  # non-trivial biases so every gradient path is exercised
         for m in (sparse, dense):
@@ -185,7 +206,7 @@ def test_sparse_topk_path_matches_dense_loss_and_gradients(dead):
     for out in outs:
         (out.mse + out.aux).backward()
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        g_sparse, g_dense = getattr(sparse, name).grad, getattr(dense, name).grad
+        g_sparse, g_dense = _grad(getattr(sparse, name)), _grad(getattr(dense, name))
         assert torch.allclose(g_sparse, g_dense, rtol=1e-4, atol=1e-5), name
 
 

@@ -199,12 +199,12 @@ class TopKSAE(SAE):
 
     def before_optimizer_step(self) -> None:
         # Remove the gradient component parallel to each (unit) decoder row: it would only change the norm.
-        W, g = self.W_dec, self.W_dec.grad
+        g = self.W_dec.grad
         if g is not None:
-            g -= (g * W).sum(-1, keepdim=True) * W
+            g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
 
     def after_optimizer_step(self, fired_H: Tensor, n_tokens: int) -> None:
         with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
             self.tokens_since_fired += n_tokens
             self.tokens_since_fired.masked_fill_(fired_H, 0)
