@@ -12,6 +12,9 @@ with and without its sparse-activations option. It prints one JSON line per meas
 ratios. Without --peer-python, or if sae_lens won't import there, the peer is skipped with a note.
 """
 
+# sae_lens is imported only under the peer interpreter (--as-peer), never in this environment.
+# pyright: reportMissingImports=false
+
 from __future__ import annotations
 
 import argparse

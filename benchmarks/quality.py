@@ -181,7 +181,8 @@ def _smollm2_folder(root: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = folder.with_name(folder.name + ".tmp")
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf[0].name)
+    # Any: from_pretrained builds the model class at run time (its attributes are not in the stubs)
+    model: Any = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf[0].name)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf[0].name)
     # The weights are de-quantized already; transformers still marks the model as GGUF-quantized and
     # refuses to save it, so drop the marks and save the plain float model.

@@ -48,6 +48,7 @@ from sae_sweep.harvest.hooks import (
 )
 from sae_sweep.harvest.text import Batch, Framing, batches, framing, resolve_text
 from sae_sweep.models import load_sae
+from sae_sweep.models.base import SAE
 
 __all__ = ["LMEvalConfig", "check_lm_eval", "lm_eval_metrics", "main"]
 
@@ -231,7 +232,7 @@ def _heldout(s: _Settings, model: nn.Module, tokenizer: Any, site: LayerSite) ->
     return _HELDOUT[s]
 
 
-def _reconstruct(sae: nn.Module, input_scale: float) -> Callable[[Tensor], Tensor]:
+def _reconstruct(sae: SAE, input_scale: float) -> Callable[[Tensor], Tensor]:
     sae_device = next(sae.parameters()).device
 
     def run(out: Tensor) -> Tensor:
@@ -254,7 +255,7 @@ def check_lm_eval(lm_cfg: Any, harvest_dir: str | Path | None = None) -> None:
 
 
 def lm_eval_metrics(
-    sae: nn.Module, lm_cfg: Any, harvest_dir: str | Path | None = None, input_scale: float = 1.0
+    sae: SAE, lm_cfg: Any, harvest_dir: str | Path | None = None, input_scale: float = 1.0
 ) -> dict[str, float]:
     """ce_loss_score, delta_lm_loss and the three losses for an SAE with encode/decode.
 
@@ -290,16 +291,14 @@ def lm_eval_metrics(
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[-1].strip())
+        print((__doc__ or "").split("\n\n")[-1].strip())
         return 0
 
     run_dir = Path(argv[0])
     try:
         overrides = OmegaConf.from_dotlist(argv[1:])
         lm_cfg = OmegaConf.merge(OmegaConf.structured(LMEvalConfig), overrides)
-        harvest_dir = None
-        if (run_dir / rundir.CONFIG).is_file():
-            harvest_dir = OmegaConf.load(run_dir / rundir.CONFIG).get("data", {}).get("path")
+        harvest_dir = ((rundir.read_config(run_dir) or {}).get("data") or {}).get("path")
         metrics = lm_eval_metrics(load_sae(run_dir), lm_cfg, harvest_dir)
     except (SaeSweepError, OmegaConfBaseException) as err:
         print(f"sae_sweep.lm_eval: error: {str(err).splitlines()[0]}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,7 +185,7 @@ def test_concurrent_callers_share_one_folder(tmp_path: Path, monkeypatch: pytest
     generate = synthetic._generate
     both_generated = threading.Barrier(2, timeout=30)
 
-    def generate_then_wait(*args: object) -> None:
+    def generate_then_wait(*args: Any) -> None:
         generate(*args)
         both_generated.wait()  # both finish before either publishes: one must lose the rename
 

@@ -147,7 +147,11 @@ def test_logit_effects_equal_the_decoder_direction_through_the_unembedding(gpt2_
     model_dir, run = gpt2_run
     s = _summary(run)
     model, _, _ = load_model(str(model_dir), causal_lm=True, dtype="float32", device="cpu")
-    W_U = model.lm_head.weight.detach() * model.transformer.ln_f.weight.detach()  # final norm's scale folded
+    # the unembedding with the final norm's scale folded in
+    W_U = (
+        model.get_parameter("lm_head.weight").detach()
+        * model.get_parameter("transformer.ln_f.weight").detach()
+    )
     W_dec = load_sae(run).W_dec.detach()
     for r in s["latents"]:
         effect = W_dec[r["latent"]] @ W_U.T
@@ -244,8 +248,9 @@ def test_chromium_renders_the_report_and_a_feature_page_from_disk(gpt2_sweep, tm
     report = (gpt2_sweep / "report" / "index.html").resolve()
     dom = _chromium(report.as_uri(), tmp_path / "profile", "--dump-dom")
     assert "<table>" in dom and dom.count("<tr") >= 3 and 'id="frontier-links"' in dom
-    link = re.search(r'href="(\.\./trials/\d+/features/index\.html)"', dom).group(1)
-    index = (report.parent / link).resolve()
+    link = re.search(r'href="(\.\./trials/\d+/features/index\.html)"', dom)
+    assert link, "no link to a trial's feature browser in the report page"
+    index = (report.parent / link.group(1)).resolve()
     s = json.loads((index.parent / "features.json").read_text())
     latent = s["latents"][0]
     page = index.parent / latent_file(latent["latent"])

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def make_tiny_gpt2(folder: Path) -> Path:
     )
     config = GPT2Config(
         n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tk.token_to_id("<|endoftext|>"), eos_token_id=tk.token_to_id("<|endoftext|>"),
     )  # fmt: skip
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)
@@ -68,6 +69,19 @@ def minilm_run(tmp_path_factory) -> Path:
     return out
 
 
+def _manifest(folder: Path) -> dict[str, Any]:
+    m = read_manifest(folder)
+    assert m is not None, f"{folder}: no manifest.json"
+    return m
+
+
+def _provenance(folder: Path) -> np.ndarray:
+    """Every shard's provenance rows, in shard order."""
+    parts = [read_provenance(folder, s["file"]) for s in _manifest(folder)["shards"]]
+    assert all(p is not None for p in parts), f"{folder}: a shard without provenance"
+    return np.concatenate([p for p in parts if p is not None])
+
+
 def _stacked(folder: Path) -> torch.Tensor:
     files = sorted(p for p in folder.iterdir() if p.name.startswith("shard_") and p.is_file())
     return torch.cat([torch.from_numpy(np.load(p)) for p in files])
@@ -83,7 +97,7 @@ def test_minilm_layer3_shards_are_readable_with_d_in_384(minilm_run):
 
 
 def test_manifest_records_model_layer_tokens_width_and_text(minilm_run):
-    m = read_manifest(minilm_run)
+    m = _manifest(minilm_run)
     assert m["model"] == MINILM and Path(m["model_path"]).is_dir()
     assert (m["layer"], m["hook"], m["hook_name"], m["module"]) == (
         3, "resid_post", "blocks.3.hook_resid_post", "encoder.layer.3",
@@ -159,13 +173,8 @@ def test_resume_after_interruption_writes_each_shard_once(minilm_run, tmp_path, 
     assert np.array_equal(_provenance(out), _provenance(straight))
 
 
-def _provenance(folder: Path) -> np.ndarray:
-    shards = read_manifest(folder)["shards"]
-    return np.concatenate([read_provenance(folder, s["file"]) for s in shards])
-
-
 def test_provenance_names_each_rows_document_position_and_token(minilm_run):
-    m = read_manifest(minilm_run)
+    m = _manifest(minilm_run)
     assert m["tokenizer"]["class"].startswith("Bert") and m["tokenizer"]["vocab_size"] == 30522
     prov = _provenance(minilm_run)
     assert prov.dtype == np.int32 and prov.shape == (3000, 3)

@@ -47,7 +47,7 @@ def make_run(tmp_path: Path, arch: str, harvest_dir: Path) -> Path:
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
         if arch in ("batchtopk", "matryoshka_batchtopk"):
-            sae.threshold.fill_(0.2)
+            sae.get_buffer("threshold").fill_(0.2)
     run = tmp_path / f"run-{arch}"
     run.mkdir()
     (run / "config.yaml").write_text(f"data:\n  path: {harvest_dir}\n")

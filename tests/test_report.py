@@ -76,7 +76,7 @@ def build_sweep(sweep: Path, data_root: Path) -> Path:
     study = optuna.create_study(
         study_name="small", storage=f"sqlite:///{sweep / 'study.db'}", directions=["minimize", "minimize"]
     )
-    space = {
+    space: dict[str, optuna.distributions.BaseDistribution] = {
         "l1_lambda": optuna.distributions.CategoricalDistribution([*L1_LAMBDAS, COLLAPSED["l1_lambda"]]),
         "lr": optuna.distributions.CategoricalDistribution([*LRS, PRUNED["lr"]]),
     }

@@ -11,6 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,6 +35,19 @@ from sae_sweep.train import train  # noqa: E402
 
 D = 576
 LM = LMEvalConfig(enabled=True, tokens=512, batch_size=8, device="cpu")
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    m = read_manifest(folder)
+    assert m is not None, f"{folder}: no manifest.json"
+    return m
+
+
+def _provenance(folder: Path) -> np.ndarray:
+    """Every shard's provenance rows, in shard order."""
+    parts = [read_provenance(folder, s["file"]) for s in _manifest(folder)["shards"]]
+    assert all(p is not None for p in parts), f"{folder}: a shard without provenance"
+    return np.concatenate([p for p in parts if p is not None])
 
 
 def _model():
@@ -70,7 +84,7 @@ def test_a_gguf_file_its_folder_and_the_packaged_name_are_one_model(tmp_path):
 
 
 def test_harvest_manifest_names_the_model_tokenizer_and_prepended_bos(smollm2_acts):
-    m = read_manifest(smollm2_acts)
+    m = _manifest(smollm2_acts)
     assert (m["model_class"], m["causal_lm"], m["hook_name"], m["d_in"]) == (
         "LlamaForCausalLM", True, "blocks.15.hook_resid_post", D,
     )  # fmt: skip
@@ -78,7 +92,7 @@ def test_harvest_manifest_names_the_model_tokenizer_and_prepended_bos(smollm2_ac
     # The GGUF tokenizer adds no BOS: the harvest puts it first in each window and drops its row.
     assert m["prefix_ids"] == [1] and m["drop_bos"] and m["suffix_ids"] == []
     assert m["tokenizer"]["gguf_file"] == Path(m["model_path"]).name and m["tokenizer"]["vocab_size"] == 49152
-    prov = np.concatenate([read_provenance(smollm2_acts, s["file"]) for s in m["shards"]])
+    prov = _provenance(smollm2_acts)
     assert len(prov) == m["tokens"] and (prov[:, 1] >= 0).all() and not (prov[:, 2] == 1).any()
 
 
@@ -98,7 +112,7 @@ def test_hooks_match_the_models_hidden_states(smollm2_acts):
     torch.testing.assert_close(
         hidden[15][first.keep] + got["attn_out"] + got["mlp_out"], got["resid_post"], atol=1e-3, rtol=1e-4
     )
-    shards = read_manifest(smollm2_acts)["shards"]
+    shards = _manifest(smollm2_acts)["shards"]
     n = int(first.keep[0].sum())  # the harvest's first window is longer, but starts the same (causal)
     harvested = torch.from_numpy(np.load(smollm2_acts / shards[0]["file"])[:n])
     torch.testing.assert_close(harvested, got["resid_post"][:n], atol=1e-3, rtol=1e-4)
@@ -161,7 +175,7 @@ def test_feature_browser_shows_pydoc_text_and_unembedding_effects(smollm2_run):
             assert text.strip() and text in source.document(c["doc"])  # the real text at that place
             assert s["doc_names"][str(c["doc"])] == docs[c["doc"]]
     model, _, _ = _model()
-    W_U = model.lm_head.weight.detach() * model.model.norm.weight.detach()
+    W_U = model.get_parameter("lm_head.weight").detach() * model.get_parameter("model.norm.weight").detach()
     W_dec = load_sae(smollm2_run).W_dec.detach()
     r = s["latents"][0]
     assert [t for t, _ in r["promotes"]] == (W_dec[r["latent"]] @ W_U.T).topk(5).indices.tolist()

@@ -12,7 +12,7 @@ thread reads the next buffer while the current one is served, so at most two buf
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -152,13 +152,15 @@ class PtShard(Shard):
                     "a tensor or a dict holding exactly one tensor",
                 )
             key = tensors[0]
-        elif not isinstance(obj, torch.Tensor):
+            tensor = obj[key]
+        elif isinstance(obj, torch.Tensor):
+            tensor = obj
+        else:
             raise DataError(
                 path,
                 f"holds a {type(obj).__name__}; a .pt shard must be a tensor or a dict "
                 "holding exactly one tensor",
             )
-        tensor = obj if key is None else obj[key]
         if tensor.dtype not in TORCH_FLOATS:
             raise DataError(path, f"has dtype {tensor.dtype}; {_FLOATS_ALLOWED}")
         n_rows, d_in = _check_shape(path, tuple(tensor.shape))
@@ -225,7 +227,7 @@ def _check_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _read_exact(f: Any, dest: np.ndarray, path: Path) -> None:
-    view = memoryview(dest).cast("B")
+    view = dest.data.cast("B")  # the array's own buffer: readinto fills it in place
     while len(view):
         n = f.readinto(view)
         if not n:
@@ -459,7 +461,7 @@ class ActivationDataset:
 
     def train_batches(
         self, batch_size: int, start_epoch: int = 0, start_batch: int = 0
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    ) -> Generator[tuple[int, int, torch.Tensor], None, None]:  # close() ends its prefetch early
         """Endless (epoch, batch index within the epoch, x raw float32 [batch_size, d_in]).
 
         Deterministic from (seed, epoch): starting at (e, b) yields exactly what an uninterrupted

@@ -22,13 +22,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from sae_sweep.checks import resolve_device
 from sae_sweep.errors import ConfigError, SaeSweepError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig  # an optional dependency: imported when loading a model
 
 # Models shipped inside a pip package: name -> (package, function returning the model folder, or None
 # when the package's own folder holds a .gguf file: such packages are located, never imported, since
@@ -151,7 +154,8 @@ def load_model(name: str, *, causal_lm: bool, dtype: str, device: str) -> tuple[
             model.config.architectures = [type(model).__name__]
         while len(_LOADED) >= _KEEP_LOADED:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = (model.to(resolve_device(device)).eval(), tokenizer)
+        module = cast(nn.Module, model)  # transformers types its `to` wrapper as if the model came twice
+        _LOADED[key] = (module.to(resolve_device(device)).eval(), tokenizer)
     model, tokenizer = _LOADED[key]
     return model, tokenizer, source
 
@@ -170,7 +174,7 @@ def tokenizer_record(tokenizer: Any, source: Path) -> dict[str, Any]:
 
 
 def n_layers(model: nn.Module) -> int:
-    config = model.config
+    config = cast("PreTrainedConfig", model.config)  # a transformers model's own attribute
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.num_hidden_layers)
 

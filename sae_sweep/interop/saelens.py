@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -58,10 +57,9 @@ def _read_sae_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 def _run_provenance(run_dir: Path) -> dict[str, Any]:
     """model/hook/text from the harvest manifest of the run's data folder, when there is one."""
-    config = run_dir / rundir.CONFIG
-    data_path = OmegaConf.load(config).get("data", {}).get("path") if config.is_file() else None
+    data_path = ((rundir.read_config(run_dir) or {}).get("data") or {}).get("path")
     manifest = read_manifest(data_path) if data_path and Path(data_path).is_dir() else None
-    if manifest is None:
+    if data_path is None or manifest is None:
         return {"dataset_path": data_path}
     return {
         "model_name": manifest.get("model"),
@@ -208,7 +206,7 @@ def import_saelens(saelens_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    prog, about = "python -m sae_sweep.interop.saelens", __doc__.split("\n\n")[0]
+    prog, about = "python -m sae_sweep.interop.saelens", (__doc__ or "").split("\n\n")[0]
     parser = argparse.ArgumentParser(prog=prog, description=about)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="run directory -> SAELens folder (cfg.json + weights)")

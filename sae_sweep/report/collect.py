@@ -346,11 +346,10 @@ def _status(trial: Any, run_dir: Path | None, row: dict[str, Any]) -> str:
     if run_dir is not None and (run_dir / rundir.METRICS).is_file():
         return row["status"]
     recorded = trial.user_attrs.get("status")
-    return (
-        recorded
-        if isinstance(recorded, str)
-        else STATE_STATUS.get(trial.state.name, trial.state.name.lower())
-    )
+    if isinstance(recorded, str):
+        return recorded
+    state = str(trial.state.name)
+    return STATE_STATUS.get(state, state.lower())
 
 
 def collect_sweep(
@@ -409,7 +408,7 @@ def _numeric(df: pd.DataFrame) -> pd.DataFrame:
         if df[col].dtype == object:
             values = df[col].dropna()
             if len(values) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-                df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+                df[col] = df[col].astype(float)
     return df
 
 
@@ -477,7 +476,7 @@ def collect(
     df.attrs["objectives"] = objectives
     df = add_pareto(df)
     swept = ordered_params(swept)
-    df = df[column_order(df, swept)].reset_index(drop=True)
+    df = df.loc[:, column_order(df, swept)].reset_index(drop=True)
     df.attrs["objectives"] = objectives
     df.attrs["swept"] = swept
     df.attrs["sweeps"] = {name: str(d) for d, name in zip(dirs, sweep_names(dirs), strict=True)}
@@ -490,12 +489,12 @@ def collect(
 def load_curves(df: pd.DataFrame) -> pd.DataFrame:
     """Every trial's curves.csv stacked, with `sweep` and `trial` columns (empty frame if none)."""
     parts = []
-    for row in df.itertuples(index=False):
-        path = Path(str(row.run_dir)) / rundir.CURVES if isinstance(row.run_dir, str) else None
+    for run_dir, trial, sweep in zip(df["run_dir"], df["trial"], df["sweep"], strict=True):
+        path = Path(run_dir) / rundir.CURVES if isinstance(run_dir, str) else None
         if path is not None and path.is_file():
             curves = pd.read_csv(path)
-            curves.insert(0, "trial", row.trial)
-            curves.insert(0, "sweep", row.sweep)
+            curves.insert(0, "trial", trial)
+            curves.insert(0, "sweep", sweep)
             parts.append(curves)
     return (
         pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["sweep", "trial", "tokens"])

@@ -49,7 +49,7 @@ figure{margin:2em 0}img{max-width:100%}figcaption{color:#555;font-size:14px}code
 def best_line(df: pd.DataFrame, min_ev: float = 0.9) -> str:
     """The frontier's answer in one sentence: the sparsest trial with explained variance >= min_ev."""
     points = completed(df)
-    good = points[points["explained_variance"] >= min_ev].sort_values("l0")
+    good = points.loc[points["explained_variance"] >= min_ev].sort_values("l0")
     if good.empty:
         return f"No completed trial explains {min_ev:.0%} of the variance."
     row = good.iloc[0]

@@ -18,6 +18,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize, SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -58,14 +59,14 @@ def fmt_value(value: Any) -> str:
 
 def settings_label(row: pd.Series, params: Sequence[str]) -> str:
     return ", ".join(
-        f"{SHORT.get(p, p)}={fmt_value(row[p])}" for p in params if p in row and pd.notna(row[p])
+        f"{SHORT.get(p, p)}={fmt_value(row[p])}" for p in params if p in row and bool(pd.notna(row[p]))
     )
 
 
 def completed(df: pd.DataFrame) -> pd.DataFrame:
     """Completed trials whose L0 and FVU can sit on log axes."""
     ok = df["status"].eq(COMPLETED) & (df["l0"] > 0) & (df["fvu"] > 0)
-    return df[ok]
+    return df.loc[ok]
 
 
 def not_shown_note(df: pd.DataFrame, shown: pd.DataFrame) -> str:
@@ -138,7 +139,7 @@ class ColorScale:
         if self.param is None:
             return
         if self.norm is not None:
-            sm = mpl.cm.ScalarMappable(norm=self.norm, cmap=self.cmap)
+            sm = ScalarMappable(norm=self.norm, cmap=self.cmap)
             fig.colorbar(sm, ax=ax, label=self.param + _norm_note(self.norm))
             return
         legend_kw.setdefault("title", self.param)
@@ -229,7 +230,7 @@ def _titles(fig: Figure, ax: Axes, title: str, note: str) -> None:
 
 
 def _front(points: pd.DataFrame) -> pd.DataFrame:
-    return points[points["pareto"]].sort_values(["l0", "fvu"])
+    return points.loc[points["pareto"]].sort_values(["l0", "fvu"])
 
 
 def _reference_lines(ax: Axes) -> None:
@@ -308,11 +309,11 @@ def _single_sweep(fig: Figure, ax: Axes, points: pd.DataFrame, df: pd.DataFrame)
         ax.scatter(
             row["l0"],
             row["fvu"],
-            s=80 if row["pareto"] else 45,
+            s=80 if bool(row["pareto"]) else 45,
             zorder=3,
             color=colors.color(row[cparam]) if cparam else "C0",
             marker=markers.get(row[mparam], "o") if mparam else "o",
-            edgecolors="black" if row["pareto"] else "none",
+            edgecolors="black" if bool(row["pareto"]) else "none",
             linewidths=1.3,
         )
     front = _front(points)
@@ -355,7 +356,7 @@ def _overlay_sweeps(ax: Axes, points: pd.DataFrame, sweeps: list[str]) -> None:
     handles = []
     for i, name in enumerate(sweeps):
         color, marker = mpl.colormaps["tab10"](i % 10), MARKERS[i % len(MARKERS)]
-        mine = points[points["sweep"] == name]
+        mine = points.loc[points["sweep"] == name]
         ax.scatter(mine["l0"], mine["fvu"], color=color, marker=marker, s=40, alpha=0.5, zorder=3)
         front = _front(mine)
         ax.plot(front["l0"], front["fvu"], color=color, lw=2, marker=marker, ms=8, mec="black", zorder=4)
@@ -386,9 +387,9 @@ def dead_figure(df: pd.DataFrame) -> Figure | None:
     colors = ColorScale.of(df, group)
     fig = Figure(figsize=(8.5, 5.2), layout="constrained")
     ax = fig.add_subplot()
-    done = data[data["status"].eq(COMPLETED)]
+    done = data.loc[data["status"].eq(COMPLETED)]
     for value in colors.values:
-        mine = done if group is None else done[done[group] == value]
+        mine = done if group is None else done.loc[done[group] == value]
         if mine.empty:
             continue
         color = colors.color(value)
@@ -398,7 +399,7 @@ def dead_figure(df: pd.DataFrame) -> Figure | None:
         if len(mine) > len(means):  # several runs per point (other swept parameters): show each
             ax.scatter(mine["l1_lambda"], mine["dead_pct"], color=color, s=12, alpha=0.5)
     if "last_train_dead_frac" in data:
-        stopped = data[data["status"].ne(COMPLETED) & data["last_train_dead_frac"].notna()]
+        stopped = data.loc[data["status"].ne(COMPLETED) & data["last_train_dead_frac"].notna()]
         if len(stopped):
             ax.scatter(
                 stopped["l1_lambda"],
@@ -498,8 +499,8 @@ def curves_figure(df: pd.DataFrame, curves: pd.DataFrame | None = None) -> Figur
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
     trials = df.set_index(["sweep", "trial"])
-    for (sweep, trial), curve in curves.groupby(["sweep", "trial"], sort=False):
-        row = trials.loc[(sweep, trial)]
+    for key, curve in curves.groupby(["sweep", "trial"], sort=False):
+        row = trials.loc[key]  # (sweep, trial)
         color = colors.color(row[cparam]) if cparam else "C0"
         ls = styles.get(row[lparam], "-") if lparam else "-"
         stopped = row["status"] != COMPLETED
@@ -545,7 +546,7 @@ def density_figure(df: pd.DataFrame) -> Figure | None:
     """log10 firing-density histograms (held-out split) of the Pareto trials on shared bins."""
     front = _spread(_front(completed(df)), MAX_DENSITY_TRIALS)
     loaded = [
-        (row, np.asarray(load_density(row["run_dir"]).get("density", []), float))
+        (row, np.asarray(load_density(str(row["run_dir"])).get("density", []), float))
         for _, row in front.iterrows()
     ]
     loaded = [(row, d) for row, d in loaded if d.size]

@@ -64,7 +64,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     continued = df["status"].eq(INTERRUPTED)  # its run goes on in the retry trial: not a run of its own
     if "retried_by" in df:
         continued |= df["retried_by"].notna()  # a failed attempt retried by a later trial, likewise
-    df = df[~continued]
+    df = df.loc[~continued]
     percents = {
         column: 100 * df[name]
         for name, (column, _, _) in zip(TABLE, HEADLINE, strict=True)
@@ -79,7 +79,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     done = data["status"].eq(COMPLETED)
     data[metrics] = data[metrics].where(done, np.nan)  # a stopped run's numbers are not held-out ones
     grouped = data.groupby(keys, dropna=False, sort=False)
-    table = grouped[metrics].mean()
+    table = grouped.agg({name: "mean" for name in metrics})
     table.insert(0, "status", grouped["status"].agg(_status))
     table.insert(1, "runs", grouped.size())
     table["pareto"] = grouped["pareto"].any()
