@@ -371,7 +371,7 @@ def collect_sweep(
     }
     rows = []
     numbers = sorted(set(dirs) | set(by_number))
-    for number in progress_bar(numbers, desc=f"collect {name}", unit="trial", enabled=progress):
+    for number in progress_bar(iterable=numbers, desc=f"collect {name}", unit="trial", enabled=progress):
         trial = by_number.get(number)
         run_dir = dirs.get(number) or _trial_run_dir(sweep_dir, number, trial)
         row: dict[str, Any] = {"sweep": name, "trial": number}
