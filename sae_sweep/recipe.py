@@ -91,7 +91,7 @@ def config_note(cfg: Any) -> str | None:
     d_in = cfg.data.d_in if cfg.data.kind == "synthetic" else None
     if d_in is None:
         try:
-            from sae_sweep.data.shards import open_shards
+            from sae_sweep.data.readers import open_shards
 
             d_in = open_shards(Path(cfg.data.path))[0].d_in
         except Exception:  # unreadable folders are reported by the run itself, with their file

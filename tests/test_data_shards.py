@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from sae_sweep.config import DataConfig
 from sae_sweep.data import ActivationDataset, open_dataset
-from sae_sweep.data.shards import Shard, Span
+from sae_sweep.data.plan import Span
+from sae_sweep.data.readers import Shard
 from sae_sweep.errors import DataError
 
 D = 16

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_sweep.data.shards import ActivationDataset, Span, first_rows
+from sae_sweep.data.plan import Span, first_rows
+from sae_sweep.data.shards import ActivationDataset
 from sae_sweep.models.base import SAE
 from sae_sweep.progress import progress_bar
 

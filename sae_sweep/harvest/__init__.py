@@ -31,7 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from sae_sweep import rundir
 from sae_sweep._version import __version__
-from sae_sweep.data.shards import open_shard
+from sae_sweep.data.readers import open_shard
 from sae_sweep.errors import ConfigError
 from sae_sweep.harvest.config import HarvestConfig, parse_args
 from sae_sweep.harvest.hooks import capture, find_site, is_causal_lm, load_model, tokenizer_record

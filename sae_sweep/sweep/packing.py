@@ -43,7 +43,7 @@ def data_width(cfg: DictConfig) -> int | None:
     try:
         from pathlib import Path
 
-        from sae_sweep.data.shards import open_shards
+        from sae_sweep.data.readers import open_shards
 
         return open_shards(Path(cfg.data.path))[0].d_in
     except Exception:
