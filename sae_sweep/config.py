@@ -33,6 +33,7 @@ __all__ = ["ModelConfig"]  # re-exported: `model.*` schemas live with their arch
 
 DATA_KINDS = ("synthetic", "shards")
 PRECISIONS = ("auto", "fp32", "bf16")
+STACK_CHOICES = ("auto", "true", "false")  # train.stack
 
 
 @dataclass
@@ -88,6 +89,9 @@ class TrainConfig:
     # matmuls of the forward pass: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; weights,
     # optimizer state and the loss stay fp32 either way
     precision: str = "auto"
+    # a pack's same-shape relu / topk members step as one stacked SAE (train/stack.py): auto (on CUDA
+    # only; on CPU it measured slower) | true | false
+    stack: str = "auto"
 
 
 @dataclass
@@ -332,6 +336,7 @@ def validate(cfg: Config | DictConfig) -> None:
     fraction("optimizer.beta2", o.beta2)
     positive("optimizer.eps", o.eps)
     one_of("train.precision", t.precision, PRECISIONS)
+    one_of("train.stack", str(t.stack).lower(), STACK_CHOICES)
     positive("train.log_every_tokens", t.log_every_tokens)
     positive("train.checkpoint_every_s", t.checkpoint_every_s)
     positive("train.dead_window", t.dead_window)

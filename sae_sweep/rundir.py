@@ -92,7 +92,14 @@ class Metrics(_MetricsIfMeasured):
 
 # Settings that may change between the interrupted and the resuming command.
 # model.kernels: torch and Triton compute the same steps, so a run may resume under the other
-RESUME_IGNORED_KEYS = ("out_dir", "device", "model.kernels", "train.progress", "train.checkpoint_every_s")
+RESUME_IGNORED_KEYS = (
+    "out_dir",
+    "device",
+    "model.kernels",
+    "train.progress",
+    "train.checkpoint_every_s",
+    "train.stack",  # how a pack steps its members, not what they train
+)
 
 
 # --- the one writer ----------------------------------------------------------------------------------

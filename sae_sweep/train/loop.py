@@ -30,6 +30,7 @@ from sae_sweep.data.device_feed import DeviceFeed
 from sae_sweep.errors import RunStopped
 from sae_sweep.progress import progress_bar
 from sae_sweep.rundir import Metrics
+from sae_sweep.train.stack import Stack, stack_groups
 
 if TYPE_CHECKING:  # the members' type only: trainer.py imports this module to run them
     from sae_sweep.train.trainer import Trainer
@@ -145,6 +146,10 @@ class _PackLoop:
             first.device,
         )
         self.window = window_size(len(members), cfg.batch_size, first.data.d_in)
+        # same-shape members stepped as one batched SAE (train.stack; CUDA only by default)
+        self.stacks: list[tuple[list[int], Stack]] = [
+            (group, Stack([members[i] for i in group])) for group in stack_groups(members)
+        ]
         self.checkpoint_every_s = min(m.cfg.train.checkpoint_every_s for m in members)
         self.last_checkpoint = time.monotonic()
         self.sync = first.device.type == "cuda"
@@ -216,7 +221,18 @@ class _PackLoop:
         steps_done: dict[int, int] = {}
         logged = False
         outside = 0.0
+        for pos in range(len(self.stacks)):
+            for epoch, batch_in_epoch, index, x_dev in shared:
+                if pos >= len(self.stacks) or stop.requested:
+                    break
+                group, stack = self.stacks[pos]
+                if stack.members[0].next_batch == index:
+                    did_log, finishing = self.step_stack(pos, x_dev, epoch, batch_in_epoch, steps_done)
+                    logged, outside = logged or did_log, outside + finishing
+        stacked = {i for group, _ in self.stacks for i in group}
         for i, m in list(self.active.items()):
+            if i in stacked:
+                continue
             for epoch, batch_in_epoch, index, x_dev in shared:
                 if i not in self.active or stop.requested:
                     break
@@ -242,6 +258,61 @@ class _PackLoop:
                     log.exception("run in %s failed", m.run_dir)
                     self.end(i, err)
         return steps_done, logged, outside
+
+    def step_stack(
+        self, pos: int, x_dev: torch.Tensor, epoch: int, batch_in_epoch: int, steps_done: dict[int, int]
+    ) -> tuple[bool, float]:
+        """One step of stack `pos` on a raw batch, then each member's bookkeeping; members that end
+        leave the stack. Returns whether any logged a row and the seconds spent finishing runs."""
+        group, stack = self.stacks[pos]
+        n = x_dev.shape[0]
+        try:
+            loss, mse, l0, fired = stack.step(x_dev)
+        except Exception as err:  # the stack's members share the failure; the rest of the pack goes on
+            log.exception("stacked step of %d runs failed", len(group))
+            for j in range(len(group)):
+                self.end(group[j], err)
+            del self.stacks[pos]
+            return False, 0.0
+        logged, outside, leaving = False, 0.0, []
+        for j, (i, m) in enumerate(zip(group, stack.members, strict=True)):
+            m.dead.update(fired[j], n)
+            steps_done[i] = steps_done.get(i, 0) + 1
+            if not m.record_step(loss[j], mse[j], l0[j], n, epoch, batch_in_epoch):
+                continue
+            logged = True
+            try:
+                m.end_interval()
+            except RunStopped as err:
+                stack.release(j)
+                m.record_stop(err)
+                self.end(i, err)
+                leaving.append(j)
+                continue
+            if m.finished:
+                stack.release(j)
+                leaving.append(j)
+                t_finish = time.perf_counter()
+                try:
+                    self.end(i, m.finish())
+                except Exception as err:
+                    log.exception("run in %s failed", m.run_dir)
+                    self.end(i, err)
+                outside += time.perf_counter() - t_finish
+        if leaving:
+            self.restack(pos, leaving)
+        return logged, outside
+
+    def restack(self, pos: int, leaving: list[int]) -> None:
+        """Rebuild stack `pos` without its members `leaving` (already released)."""
+        group, stack = self.stacks[pos]
+        stay = [j for j in range(len(group)) if j not in leaving]
+        if len(stay) >= 2:
+            self.stacks[pos] = ([group[j] for j in stay], Stack([stack.members[j] for j in stay]))
+            return
+        for j in stay:  # a stack of one is a member stepped alone again
+            stack.release(j)
+        del self.stacks[pos]
 
     def account_time(self, steps_done: dict[int, int], logged: bool, t0: float, outside: float) -> None:
         """Split the window's wall-clock time since t0, less `outside`, over the members by their steps."""

@@ -216,8 +216,8 @@ class Trainer:
             self.run_dir,
             {
                 "config": self.cfg_dict,
-                "model": self.sae.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": _own(self.sae.state_dict()),
+                "optimizer": _own(self.optimizer.state_dict()),
                 "dead": self.dead.state_dict(),
                 "state": self.state.__dict__,
                 "scale_factor": self.scale_factor,
@@ -246,12 +246,24 @@ class Trainer:
 
     def step(self, x: torch.Tensor, epoch: int, batch_in_epoch: int) -> bool:
         """One optimizer step on a scaled batch already on the device; True when a log row is due."""
+        loss, mse, l0 = self._train_step(x, self.state.step)
+        return self.record_step(loss, mse, l0, x.shape[0], epoch, batch_in_epoch)
+
+    def record_step(
+        self,
+        loss: torch.Tensor,
+        mse: torch.Tensor,
+        l0: torch.Tensor,
+        n_tokens: int,
+        epoch: int,
+        batch_in_epoch: int,
+    ) -> bool:
+        """Account a step taken (here or by a stack); True when a log row is due."""
         st = self.state
-        loss, mse, l0 = self._train_step(x, st.step)
         self.sums += torch.stack((loss, mse, l0))  # stays on the device: no host sync per step
         self.n_in_sums += 1
         st.step += 1
-        st.tokens_seen += x.shape[0]
+        st.tokens_seen += n_tokens
         st.epoch, st.batch_in_epoch = epoch, batch_in_epoch + 1
         return st.step % self.log_every_steps == 0 or st.step == self.total_steps
 
@@ -385,6 +397,18 @@ class Trainer:
         rundir.write_json(self.run_dir / rundir.METRICS, metrics)
         rundir.write_csv(self.run_dir / rundir.CURVES, self.state.curves)
         remove_checkpoint(self.run_dir)
+
+
+def _own(obj: Any) -> Any:
+    """obj with every tensor that views a larger storage copied out: a stacked member's weights and
+    Adam state are slices of its stack (train/stack.py), and torch.save writes a view's whole storage."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.nbytes else obj
+    if isinstance(obj, dict):
+        return {k: _own(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_own(v) for v in obj)
+    return obj
 
 
 def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> Metrics:

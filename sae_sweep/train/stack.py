@@ -1,0 +1,290 @@
+"""Stacked packs: same-shape members of a pack stepped as one batched SAE (`train.stack`).
+
+A GPU leaves a small SAE's step mostly idle between kernel launches, so N members of the same
+architecture and shape step faster as one SAE with weights stacked [N, ...]: batched matmuls, one
+batched Adam over the stacked parameters (each elementwise pass covers every member), per-member
+gradient clipping. Each member keeps its own lr (and schedule), l1_lambda (and warm-up), k, Adam
+betas / eps, clip, budget, scale factor, dead-latent tracking, curves, checkpoints and pruning: the
+stack computes its per-member losses, and the member's Trainer does all of its bookkeeping as for a
+per-member step (Trainer.record_step). The result equals per-member training to float tolerance (not
+bit for bit: batched kernels sum in another order).
+
+Members' parameters, buffers and Adam moments are views into the stacked tensors while they are
+stacked, so a checkpoint or a look at a member sees its current weights. A member that leaves (it
+finished, was pruned or diverged) first gets its own copies back, then the stack is rebuilt from the
+others: its exit does not disturb them.
+
+What stacks (`stack_groups`): members of architecture relu or topk (the TopK step in its dense
+formulation, AuxK included) with the same architecture, d_in, hidden, precision and next batch. On
+CPU batched matmuls of small matrices ran slower than the same GEMMs one by one (0.59x,
+benchmarks/README.md), so `train.stack=auto` stacks on CUDA only; `true` forces it (the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
+
+if TYPE_CHECKING:
+    from sae_sweep.train.trainer import Trainer
+
+STACKABLE = ("relu", "topk")
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def stacking_on(choice: Any, device: torch.device) -> bool:
+    """Whether `train.stack` stacks on this device: auto = on CUDA only."""
+    value = str(choice).lower()
+    return value == "true" or (value == "auto" and device.type == "cuda")
+
+
+def stack_key(m: Trainer) -> tuple[Any, ...] | None:
+    """What members must share to step as one stack; None for one that cannot stack."""
+    name = m.cfg.model.name
+    if name not in STACKABLE or not stacking_on(m.cfg.train.stack, m.device):
+        return None
+    return (name, m.data.d_in, m.hidden, m.use_bf16, m.next_batch, m.sae.subtract_b_dec)
+
+
+def stack_groups(members: Sequence[Trainer]) -> list[list[int]]:
+    """Indices of members that step together (groups of two or more), by stack_key."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, m in enumerate(members):
+        key = stack_key(m)
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _member_tensors(m: Trainer) -> dict[str, Tensor]:
+    # W_enc is held transposed ([H, D] rows), the layout it has per member (it starts as W_dec^T)
+    return {
+        "W_enc": m.sae.W_enc.detach().t(),
+        "b_enc": m.sae.b_enc.detach(),
+        "W_dec": m.sae.W_dec.detach(),
+        "b_dec": m.sae.b_dec.detach(),
+    }
+
+
+def _as_member(name: str, t: Tensor) -> Tensor:
+    return t.t() if name == "W_enc" else t
+
+
+class Stack:
+    """Members (Trainers, set up, all at the same next batch) stepped as one batched SAE."""
+
+    def __init__(self, members: Sequence[Trainer]) -> None:
+        self.members = list(members)
+        first = self.members[0]
+        self.kind = first.cfg.model.name
+        self.device = first.device
+        self.use_bf16 = first.use_bf16
+        self.params: dict[str, nn.Parameter] = {}
+        self.exp_avg: dict[str, Tensor] = {}
+        self.exp_avg_sq: dict[str, Tensor] = {}
+        per_member = [_member_tensors(m) for m in self.members]
+        for name in PARAMS:
+            self.params[name] = nn.Parameter(torch.stack([t[name] for t in per_member]))
+            moments = [self._moments(m, name) for m in self.members]
+            self.exp_avg[name] = torch.stack([a for a, _ in moments])
+            self.exp_avg_sq[name] = torch.stack([b for _, b in moments])
+        self.adam_steps = [self._adam_step(m) for m in self.members]
+        if self.kind == "topk":
+            counts = [m.sae.get_buffer("tokens_since_fired") for m in self.members]
+            self.tokens_since_fired = torch.stack(counts)
+        self._bind()
+
+    # --- members' views into the stack ---------------------------------------------------------
+    @staticmethod
+    def _state(m: Trainer, name: str) -> dict[str, Any]:
+        return m.optimizer.state.get(getattr(m.sae, name), {})
+
+    def _moments(self, m: Trainer, name: str) -> tuple[Tensor, Tensor]:
+        state = self._state(m, name)
+        like = _member_tensors(m)[name]
+        if "exp_avg" not in state:
+            return torch.zeros_like(like), torch.zeros_like(like)
+        return _as_member(name, state["exp_avg"]), _as_member(name, state["exp_avg_sq"])
+
+    def _adam_step(self, m: Trainer) -> int:
+        state = self._state(m, "W_enc")
+        return int(state["step"]) if "step" in state else 0
+
+    def _bind(self) -> None:
+        """Point every member's parameters, TopK buffer and Adam state at its slice of the stack."""
+        for i, m in enumerate(self.members):
+            views = {name: nn.Parameter(_as_member(name, self.params[name].data[i])) for name in PARAMS}
+            states = {
+                name: {
+                    "step": self._step_tensor(i),
+                    "exp_avg": _as_member(name, self.exp_avg[name][i]),
+                    "exp_avg_sq": _as_member(name, self.exp_avg_sq[name][i]),
+                }
+                for name in PARAMS
+            }
+            self._rebind(m, views, states)
+            if self.kind == "topk":
+                m.sae.register_buffer("tokens_since_fired", self.tokens_since_fired[i])
+
+    def _step_tensor(self, i: int) -> Tensor:
+        # as torch's fused Adam keeps it: fp32, on the parameters' device
+        return torch.tensor(float(self.adam_steps[i]), dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def _rebind(m: Trainer, params: dict[str, nn.Parameter], states: dict[str, dict[str, Any]]) -> None:
+        """Replace m's parameters (and its optimizer's references and state) by `params`."""
+        old = {name: getattr(m.sae, name) for name in PARAMS}
+        for name, p in params.items():
+            setattr(m.sae, name, p)
+        replace = {id(old[name]): params[name] for name in PARAMS}
+        for group in m.optimizer.param_groups:
+            group["params"] = [replace.get(id(p), p) for p in group["params"]]
+        for name in PARAMS:
+            m.optimizer.state.pop(old[name], None)
+            if states[name]["step"] > 0:  # an Adam that has not stepped has no state yet
+                m.optimizer.state[params[name]] = states[name]
+
+    def release(self, i: int) -> Trainer:
+        """Member i leaves the stack with its own copies of its weights, buffer and Adam state."""
+        m = self.members[i]
+        params = {name: nn.Parameter(_as_member(name, self.params[name].data[i]).clone()) for name in PARAMS}
+        states = {
+            name: {
+                "step": self._step_tensor(i),
+                "exp_avg": _as_member(name, self.exp_avg[name][i]).clone(),
+                "exp_avg_sq": _as_member(name, self.exp_avg_sq[name][i]).clone(),
+            }
+            for name in PARAMS
+        }
+        self._rebind(m, params, states)
+        if self.kind == "topk":
+            m.sae.register_buffer("tokens_since_fired", self.tokens_since_fired[i].clone())
+        return m
+
+    # --- one step --------------------------------------------------------------------------------
+    def _column(self, values: Sequence[float]) -> Tensor:
+        """[N, 1, 1] fp32 on the device: a per-member number broadcast over a member's matrix."""
+        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None, None]
+
+    def _losses(self, x_BD: Tensor, coefs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per member: (loss, mse, l0) [N], fired [N, H] and the summed loss to differentiate."""
+        p = self.params
+        scales = self._column([m.scale_factor for m in self.members])
+        x_NBD = x_BD[None] * scales
+        x_in = x_NBD - p["b_dec"][:, None, :] if self.members[0].sae.subtract_b_dec else x_NBD
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+        with autocast:
+            pre = torch.baddbmm(p["b_enc"][:, None, :], x_in, p["W_enc"].transpose(1, 2))
+            if self.kind == "relu":
+                f = torch.relu(pre)
+            else:
+                f = self._topk(pre, [m.sae.k for m in self.members])  # pyright: ignore[reportArgumentType]
+            x_hat = torch.baddbmm(p["b_dec"][:, None, :], f, p["W_dec"])
+        mse = (x_NBD - x_hat).float().pow(2).sum(-1).mean(-1)
+        active = f > 0
+        l0 = active.sum(-1).float().mean(-1)
+        if self.kind == "relu":
+            sparsity = (f.float() * p["W_dec"].norm(dim=-1).float()[:, None, :]).sum(-1).mean(-1)
+            loss = mse + coefs * sparsity
+        else:
+            loss = mse + self._aux(x_NBD, x_hat, pre)
+        return loss, mse, l0, active.any(1), loss.sum()
+
+    def _topk(self, pre: Tensor, ks: Sequence[int]) -> Tensor:
+        """Each member's k largest relu(pre) per token (dense), members differing in k."""
+        vals, idx = pre.topk(max(ks), dim=-1)  # sorted: a member's k largest are the first k
+        keep = torch.arange(max(ks), device=pre.device) < torch.tensor(ks, device=pre.device)[:, None, None]
+        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals) * keep)
+
+    def _aux(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        """Per member: AuxK on its dead latents, as TopKSAE.aux_loss (0 where aux_k_coef is 0)."""
+        saes: list[Any] = [m.sae for m in self.members]
+        dead_after = torch.tensor([s.aux_dead_tokens for s in saes], device=x.device)
+        dead = self.tokens_since_fired >= dead_after[:, None]
+        masked = torch.where(dead[:, None, :], pre, torch.full_like(pre, -torch.inf))
+        f_aux = self._topk(masked, [s.aux_k for s in saes]).nan_to_num(0.0)
+        residual = (x - x_hat).detach()
+        aux_mse = (residual - torch.bmm(f_aux, self.params["W_dec"])).float().pow(2).sum(-1).mean(-1)
+        coef = torch.tensor([s.aux_k_coef for s in saes], device=x.device)
+        aux_k = torch.tensor([s.aux_k for s in saes], device=x.device)
+        scale = coef * (dead.sum(-1).float() / aux_k).clamp(max=1.0)
+        return torch.where(coef > 0, scale * aux_mse, torch.zeros_like(aux_mse))
+
+    def step(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One optimizer step of every member on the (raw) batch; per-member (loss, mse, l0, fired)."""
+        members = self.members
+        steps = [m.state.step for m in members]
+        coefs = torch.tensor(
+            [
+                sparsity_coefficient(s, m.total_steps, m.l1_lambda, m.cfg.optimizer.l1_warmup_frac)
+                for s, m in zip(steps, members, strict=True)
+            ],
+            device=self.device,
+        )
+        for p in self.params.values():
+            p.grad = None
+        loss, mse, l0, fired, total = self._losses(x_BD, coefs)
+        total.backward()
+        grads = {name: p.grad for name, p in self.params.items()}
+        assert all(g is not None for g in grads.values())
+        g: dict[str, Tensor] = {name: t for name, t in grads.items() if t is not None}
+        W_dec = self.params["W_dec"].detach()
+        if self.kind == "topk":  # the radial part of each unit decoder row's gradient (TopKSAE)
+            g["W_dec"].sub_((g["W_dec"] * W_dec).sum(-1, keepdim=True) * W_dec)
+        self._clip(g)
+        self._adam(g, steps)
+        if self.kind == "topk":
+            with torch.no_grad():
+                W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                self.tokens_since_fired += x_BD.shape[0]
+                self.tokens_since_fired.masked_fill_(fired, 0)
+        return loss.detach(), mse.detach(), l0.detach(), fired
+
+    def _clip(self, g: dict[str, Tensor]) -> None:
+        """clip_grad_norm_ per member over its own gradients (grad_clip <= 0: none)."""
+        clips = torch.tensor([m.cfg.optimizer.grad_clip for m in self.members], device=self.device)
+        sq = sum(t.float().pow(2).flatten(1).sum(1) for t in g.values())
+        assert isinstance(sq, Tensor)
+        coef = (clips / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        coef = torch.where(clips > 0, coef, torch.ones_like(coef))
+        for t in g.values():
+            t.mul_(coef.view(-1, *[1] * (t.dim() - 1)).to(t.dtype))
+
+    def _adam(self, g: dict[str, Tensor], steps: Sequence[int]) -> None:
+        """Adam (torch.optim.Adam's update) on the stacked parameters, each member with its own lr
+        (at its schedule's step), betas, eps and bias correction."""
+        members = self.members
+        self.adam_steps = [n + 1 for n in self.adam_steps]
+        o = [m.cfg.optimizer for m in members]
+        lrs = [
+            m.lr * lr_multiplier(s, m.total_steps, oi.lr_warmup_frac, oi.lr_decay_frac)
+            for m, s, oi in zip(members, steps, o, strict=True)
+        ]
+        b1 = [oi.beta1 for oi in o]
+        b2 = [oi.beta2 for oi in o]
+        bc1 = [1 - b**n for b, n in zip(b1, self.adam_steps, strict=True)]
+        bc2 = [1 - b**n for b, n in zip(b2, self.adam_steps, strict=True)]
+        with torch.no_grad():
+            for name, p in self.params.items():
+                shape = (-1,) + (1,) * (p.dim() - 1)
+
+                def col(values: Sequence[float], like: Tensor = p, shape: tuple[int, ...] = shape) -> Tensor:
+                    return torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+
+                m_, v_ = self.exp_avg[name], self.exp_avg_sq[name]
+                m_.lerp_(g[name], col([1 - b for b in b1]))
+                v_.mul_(col(b2)).addcmul_(g[name], g[name] * col([1 - b for b in b2]))
+                denom = (v_.sqrt() / col([c**0.5 for c in bc2])).add_(col([oi.eps for oi in o]))
+                p.sub_(col([lr / c for lr, c in zip(lrs, bc1, strict=True)]) * m_ / denom)
+        for i, m in enumerate(members):  # the members' optimizer state counts the step too
+            for name in PARAMS:
+                state = m.optimizer.state.setdefault(getattr(m.sae, name), {})
+                state["step"] = self._step_tensor(i)
+                state["exp_avg"] = _as_member(name, self.exp_avg[name][i])
+                state["exp_avg_sq"] = _as_member(name, self.exp_avg_sq[name][i])
