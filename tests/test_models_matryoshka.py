@@ -7,7 +7,7 @@ import torch
 
 from sae_sweep.data import open_dataset
 from sae_sweep.errors import ConfigError
-from sae_sweep.metrics import mcc
+from sae_sweep.measures import mcc
 from sae_sweep.models import build_sae, load_sae, model_config, save_sae
 from sae_sweep.train import train
 

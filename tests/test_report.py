@@ -20,7 +20,8 @@ from sae_sweep.errors import RunStopped
 from sae_sweep.models import model_config
 from sae_sweep.report import collect, write_report
 from sae_sweep.report.__main__ import main
-from sae_sweep.report.collect import METRICS, pareto_mask
+from sae_sweep.report.collect import METRICS
+from sae_sweep.report.pareto import pareto_mask
 from sae_sweep.report.plots import FIGURES
 from sae_sweep.report.tables import summary_table, write_tables
 from sae_sweep.train import train

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from sae_sweep.data import open_dataset
 from sae_sweep.data.synthetic import GroundTruth
 from sae_sweep.errors import ConfigError, RunStopped, TrainingDiverged
-from sae_sweep.metrics import mcc
+from sae_sweep.measures import mcc
 from sae_sweep.models import load_sae
 from sae_sweep.train import train
 from sae_sweep.train import trainer as trainer_module

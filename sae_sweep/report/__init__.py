@@ -8,8 +8,9 @@
 a comparison (their frontiers overlaid in one figure).
 """
 
-from sae_sweep.report.collect import collect, latest_sweep, load_curves, load_density, pareto_mask
+from sae_sweep.report.collect import collect, latest_sweep, load_curves, load_density
 from sae_sweep.report.page import compare_report, write_report
+from sae_sweep.report.pareto import pareto_mask
 
 __all__ = [
     "collect",

@@ -8,7 +8,6 @@ folder of run directories copied by hand, or a sweep that is still running.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from sae_sweep.config import resolve_recipe
 from sae_sweep.metrics import METRICS as ALL_METRICS
 from sae_sweep.metrics import RUN_FACTS, every_run_has, running_columns
 from sae_sweep.progress import progress_bar
+from sae_sweep.report.pareto import pareto_mask
+from sae_sweep.report.study import load_trials, study_columns, trial_run_dir
 from sae_sweep.rundir import RESUME_IGNORED_KEYS
-from sae_sweep.sweep.queue import IDENTITY_ATTR  # where a study records its objectives
 
 # The metrics of a completed run, in the registry's order (LM scores join them where a run has them).
 METRICS = every_run_has()
@@ -57,8 +57,6 @@ STATE_STATUS = {
     "RUNNING": "running",
     "WAITING": "waiting",
 }
-RDB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
-JOURNAL_SUFFIXES = (".journal", ".log")
 COMPLETED = "completed"
 # The keys of a metrics.json (the metrics plus the trainer's run facts): what a study's user attrs may fill.
 RECORD_KEYS = {*ALL_METRICS, *RUN_FACTS} - {"architecture", "k"}  # config.yaml has those two
@@ -69,36 +67,7 @@ RECORD_KEYS = {*ALL_METRICS, *RUN_FACTS} - {"architecture", "k"}  # config.yaml 
 
 # Objectives of a sweep whose study does not say (run directories copied by hand): the default sweep's.
 DEFAULT_OBJECTIVES = (("fvu", "minimize"), ("l0", "minimize"))
-# Objective values within this relative distance of each other count as equal (the 4 significant digits
-# the tables show): trials that look identical are treated alike, on the front together or off it.
-TIE_RTOL = 1e-4
 COLLAPSED_FVU = 1.0  # a run that explains no more variance than the mean is never on a front
-
-
-def pareto_mask(values: Any, directions: Sequence[str] | None = None) -> np.ndarray:
-    """True for the points no other point dominates, for any number of objectives.
-
-    `values` is [n points, k objectives] (e.g. `np.column_stack([l0, fvu])`); `directions` holds
-    "minimize" or "maximize" per objective (default: all minimised). A point dominates another when it
-    is at least as good on every objective and better on one, where values within TIE_RTOL are ties,
-    so identical-looking points are all on the front or none is. Points with a NaN are never on it and
-    never dominate.
-    """
-    v = np.asarray(values, dtype=float).reshape(len(values), -1)
-    n, k = v.shape
-    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in (directions or ["minimize"] * k)])
-    lower = v * signs  # every objective now minimised
-    mask = np.zeros(n, dtype=bool)
-    valid = np.flatnonzero(np.isfinite(lower).all(axis=1))
-    if len(valid) == 0:
-        return mask
-    p = lower[valid]
-    tol = TIE_RTOL * np.maximum(np.abs(p[:, None, :]), np.abs(p[None, :, :]))
-    better_eq = p[:, None, :] <= p[None, :, :] + tol  # [i, j, k]: i at least as good as j on k
-    strictly = p[:, None, :] < p[None, :, :] - tol
-    dominates = better_eq.all(axis=2) & strictly.any(axis=2)  # [i, j]: i dominates j
-    mask[valid] = ~dominates.any(axis=0)
-    return mask
 
 
 def add_pareto(df: pd.DataFrame) -> pd.DataFrame:
@@ -199,116 +168,12 @@ def read_run_dir(run_dir: Path, config: dict[str, Any] | None = None) -> dict[st
     return row
 
 
-# --- the Optuna study ------------------------------------------------------------------------------
-
-
-def find_storage(sweep_dir: Path) -> Path | None:
-    """The study storage file in a sweep directory (SQLite, or an Optuna journal file), if any."""
-    preferred = sweep_dir / "study.db"
-    if preferred.is_file():
-        return preferred
-    files = sorted(p for p in sweep_dir.iterdir() if p.is_file())
-    for suffix in (*RDB_SUFFIXES, *JOURNAL_SUFFIXES):  # a stray .log file last
-        for path in files:
-            if path.suffix == suffix:
-                return path
-    return None
-
-
-def open_storage(spec: str | Path) -> Any:
-    """An Optuna storage from a file path (SQLite, journal) or a database URL; SQLite files read-only,
-    so a report never writes to (or locks) a live sweep's storage."""
-    import optuna
-
-    text = str(spec)
-    if "://" in text and not text.startswith("sqlite:///"):
-        return optuna.storages.RDBStorage(text, skip_compatibility_check=True, skip_table_creation=True)
-    path = Path(text.removeprefix("sqlite:///"))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such study storage")
-    if path.suffix in JOURNAL_SUFFIXES:
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
-    return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
-
-
-def _pick_study(names: list[str], wanted: Sequence[str | None], where: str) -> str | None:
-    if len(names) <= 1:
-        return names[0] if names else None
-    for name in wanted:
-        if name in names:
-            return name
-    raise ValueError(f"{where} holds studies {names}: name one (--study NAME / study_name=...)")
-
-
-def load_trials(
-    sweep_dir: Path,
-    study_name: str | None = None,
-    storage: str | Path | None = None,
-    config: dict[str, Any] | None = None,
-) -> tuple[str | None, list[Any], list[tuple[str, str]]]:
-    """(study name, frozen trials, objectives as (metric, direction)) of the sweep's study; (None, [], [])
-    when there is none to read.
-
-    The storage is `storage` if given, else a storage file in the sweep directory, else the
-    `sweep.storage` a trial's config recorded (a shared journal file or a database server). The study
-    is `study_name`, else the only one, else the config's `sweep.study_name`, else the directory's name.
-    A storage found (not given) that cannot be read is skipped with a warning: the trial directories
-    still make a report.
-    """
-    import optuna
-
-    config = config or {}
-    spec = storage or find_storage(sweep_dir) or config.get("sweep.storage")
-    if not spec:
-        return None, [], []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        opened = open_storage(spec)
-        names = optuna.study.get_all_study_names(opened)
-    except Exception as err:  # noqa: BLE001 - any storage failure: fall back to the directories
-        if storage:
-            raise
-        warnings.warn(
-            f"cannot read the study storage {spec} ({err}); using the trial directories only", stacklevel=2
-        )
-        return None, [], []
-    name = study_name or _pick_study(names, [config.get("sweep.study_name"), sweep_dir.name], str(spec))
-    if name is None:
-        return None, [], []
-    study = optuna.load_study(study_name=name, storage=opened)
-    identity = study.user_attrs.get(IDENTITY_ATTR) or {}
-    pairs = [str(o).split(":", 1) for o in identity.get("objectives", [])]
-    objectives = [(m, d) for m, d in (p for p in pairs if len(p) == 2)]
-    return name, study.get_trials(deepcopy=False), objectives
+# --- what the Optuna study adds ------------------------------------------------------------------
 
 
 def param_column(name: str) -> str:
     """The frame column of a sweep parameter (an override key as the user typed it)."""
     return GROUP_PARAMS.get(name, RENAMED_CONFIG.get(name, name))
-
-
-def study_columns(trial: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {"state": trial.state.name}
-    if trial.datetime_start is not None:
-        row["datetime_start"] = trial.datetime_start.isoformat(timespec="seconds")
-    if trial.duration is not None:
-        row["duration_s"] = trial.duration.total_seconds()
-    return row
-
-
-def _trial_run_dir(sweep_dir: Path, number: int, trial: Any) -> Path | None:
-    default = sweep_dir / "trials" / str(number)
-    if default.is_dir():
-        return default
-    recorded = trial.user_attrs.get("run_dir") if trial is not None else None
-    if recorded:
-        for candidate in (Path(recorded), sweep_dir / recorded):
-            if candidate.is_dir():
-                return candidate
-    return None
 
 
 def _from_study(trial: Any) -> dict[str, Any]:
@@ -373,7 +238,7 @@ def collect_sweep(
     numbers = sorted(set(dirs) | set(by_number))
     for number in progress_bar(iterable=numbers, desc=f"collect {name}", unit="trial", enabled=progress):
         trial = by_number.get(number)
-        run_dir = dirs.get(number) or _trial_run_dir(sweep_dir, number, trial)
+        run_dir = dirs.get(number) or trial_run_dir(sweep_dir, number, trial)
         row: dict[str, Any] = {"sweep": name, "trial": number}
         if trial is not None:
             row.update(_from_study(trial))
@@ -450,7 +315,7 @@ def collect(
     `df.attrs["swept"]` lists the swept parameters (the study's params, else the config keys whose
     values differ between trials); `df.attrs["sweeps"]` maps each sweep's name to its directory.
     Metrics a trial lacks (pruned, diverged, collapsed, still running) are NaN. `study_name` and
-    `storage` are needed only where they cannot be found (see load_trials).
+    `storage` are needed only where they cannot be found (see report.study.load_trials).
     """
     if isinstance(sweep_dirs, str | Path):
         sweep_dirs = [sweep_dirs]

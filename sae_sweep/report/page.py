@@ -18,7 +18,8 @@ import pandas as pd
 
 from sae_sweep import rundir
 from sae_sweep.report.collect import collect
-from sae_sweep.report.plots import completed, settings_label, swept_params, write_plots
+from sae_sweep.report.encodings import completed, settings_label, swept_params
+from sae_sweep.report.plots import write_plots
 from sae_sweep.report.tables import (
     first_metric_column,
     format_table,
@@ -251,7 +252,7 @@ def write_report(
 ) -> Path:
     """Collect one sweep and write <sweep_dir>/report/: trials.csv, table.md, the PNGs and index.html.
 
-    Returns the path of index.html. (study_name / storage: see collect.load_trials.) features: build
+    Returns the path of index.html. (study_name / storage: see study.load_trials.) features: build
     the Pareto trials' feature browsers and link them (True, or a FeaturesConfig), or not (False).
     """
     sweep_dir = Path(sweep_dir)

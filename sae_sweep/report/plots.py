@@ -10,35 +10,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LogNorm, Normalize, SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import EngFormatter, LogFormatter, NullLocator
+from matplotlib.ticker import EngFormatter
 
 from sae_sweep import rundir
 from sae_sweep.metrics import METRICS, PANELS
 from sae_sweep.report.collect import COMPLETED, load_curves, load_density
+from sae_sweep.report.encodings import (
+    ColorScale,
+    color_param,
+    completed,
+    fmt_value,
+    param_values,
+    plain_log_labels,
+    set_param_scale,
+    settings_label,
+    swept_params,
+)
+from sae_sweep.report.frontier import frontier_figure, pareto_front
 
 DPI = 120
-MAX_DISCRETE = 10  # more distinct values than this get a colour bar instead of a legend
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
 MAX_DENSITY_TRIALS = 8
 DENSITY_BINS = 40
-MAX_FRONT_LABELS = 12
-MAX_TICKS = 8  # a parameter with at most this many values is ticked at each
-# Preferred parameter for colour: the sparsity knob the frontier is about.
-COLOR_FIRST = ("l1_lambda", "model.k", "architecture")
-SHORT = {"l1_lambda": "λ", "batch_size": "batch", "hidden_dim": "hidden", "architecture": "arch"}
 # (column, axis label, log axis) of the metric panels (metrics.PANELS); a percentage of a fraction is
 # the column <name without _frac>_pct, e.g. dead_pct = 100 * dead_frac.
 PANEL_METRICS = tuple(
@@ -49,330 +49,6 @@ PANEL_METRICS = tuple(
     )
     for name, m in ((n, METRICS[n]) for n in PANELS)
 )
-
-
-def fmt_value(value: Any) -> str:
-    if isinstance(value, float | np.floating):
-        return f"{value:g}"
-    return str(value)
-
-
-def settings_label(row: pd.Series, params: Sequence[str]) -> str:
-    return ", ".join(
-        f"{SHORT.get(p, p)}={fmt_value(row[p])}" for p in params if p in row and bool(pd.notna(row[p]))
-    )
-
-
-def completed(df: pd.DataFrame) -> pd.DataFrame:
-    """Completed trials whose L0 and FVU can sit on log axes."""
-    ok = df["status"].eq(COMPLETED) & (df["l0"] > 0) & (df["fvu"] > 0)
-    return df.loc[ok]
-
-
-def not_shown_note(df: pd.DataFrame, shown: pd.DataFrame) -> str:
-    rest = df.drop(index=shown.index)
-    if rest.empty:
-        return ""
-    counts = ", ".join(f"{n} {s}" for s, n in rest["status"].fillna("unknown").value_counts().items())
-    return f"not shown (no held-out metrics): {counts}"
-
-
-def swept_params(df: pd.DataFrame) -> list[str]:
-    return [p for p in df.attrs.get("swept", []) if p in df and df[p].notna().any()]
-
-
-def color_param(df: pd.DataFrame) -> str | None:
-    swept = swept_params(df)
-    for name in COLOR_FIRST:
-        if name in swept:
-            return name
-    return swept[0] if swept else None
-
-
-def _is_numeric(values: pd.Series) -> bool:
-    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-
-
-# --- encodings: a parameter -> colours / markers --------------------------------------------------
-
-
-@dataclass
-class ColorScale:
-    """Colours for one parameter: a legend of values when few, a colour bar (log / symlog) when many."""
-
-    param: str | None
-    values: list[Any]
-    norm: Normalize | None = None
-    cmap: Any = None
-
-    @classmethod
-    def of(cls, df: pd.DataFrame, param: str | None) -> ColorScale:
-        if param is None:
-            return cls(None, [None])
-        series = df[param].dropna()
-        values = sorted(series.unique(), key=lambda v: (isinstance(v, str), v))
-        if len(values) <= MAX_DISCRETE or not _is_numeric(series):
-            return cls(param, values)
-        return cls(param, values, norm=value_norm(np.asarray(values, float)), cmap=mpl.colormaps["viridis"])
-
-    def color(self, value: Any) -> Any:
-        if self.norm is not None:
-            return self.cmap(self.norm(value))
-        if self.param is None or value not in self.values:
-            return "0.3"
-        i, n = self.values.index(value), len(self.values)
-        if all(isinstance(v, str) for v in self.values):
-            return mpl.colormaps["tab10"](i % 10)
-        return mpl.colormaps["viridis"](0.9 * i / max(n - 1, 1))  # ordered values, 0 included
-
-    def handles(self, present: Sequence[Any] | None = None) -> list[Line2D]:
-        """Legend entries of the values (those in `present` only, when given); none for a colour bar."""
-        if self.param is None or self.norm is not None:
-            return []
-        shown = [v for v in self.values if present is None or v in set(present)]
-        return [
-            Line2D([], [], ls="", marker="o", ms=8, color=self.color(v), label=fmt_value(v)) for v in shown
-        ]
-
-    def key(self, fig: Figure, ax: Axes, present: Sequence[Any] | None = None, **legend_kw: Any) -> None:
-        """The colour key: a legend on ax (kept beside any later legend), or a colour bar."""
-        if self.param is None:
-            return
-        if self.norm is not None:
-            sm = ScalarMappable(norm=self.norm, cmap=self.cmap)
-            fig.colorbar(sm, ax=ax, label=self.param + _norm_note(self.norm))
-            return
-        legend_kw.setdefault("title", self.param)
-        legend = ax.legend(handles=self.handles(present), **legend_kw)
-        ax.add_artist(legend)  # so that a second ax.legend() call does not replace it
-
-
-def value_norm(values: np.ndarray) -> Normalize:
-    pos = values[values > 0]
-    if (values < 0).any() or len(pos) == 0 or pos.max() / pos.min() < 5:
-        return Normalize(values.min(), values.max())
-    if (values == 0).any():
-        return SymLogNorm(linthresh=pos.min(), vmin=0, vmax=pos.max())
-    return LogNorm(pos.min(), pos.max())
-
-
-def _norm_note(norm: Normalize) -> str:
-    if isinstance(norm, SymLogNorm):
-        return f" (symlog: linear below {norm.linthresh:g}, so 0 fits)"
-    return " (log)" if isinstance(norm, LogNorm) else ""
-
-
-def marker_map(df: pd.DataFrame, param: str | None) -> dict[Any, str]:
-    if param is None:
-        return {}
-    values = sorted(df[param].dropna().unique(), key=lambda v: (isinstance(v, str), v))
-    return dict(zip(values, MARKERS, strict=False)) if len(values) <= len(MARKERS) else {}
-
-
-def set_param_scale(ax: Axes, values: pd.Series, axis: str = "x") -> str:
-    """Log / symlog / linear axis for a parameter's values, ticked at the values themselves when few;
-    returns the note for the axis label.
-
-    Hyperparameters are swept over ratios, so a positive parameter gets a log axis; with 0 among its
-    values (l1_lambda=0, the dense baseline) a symlog axis, linear below the smallest positive value,
-    so 0 still has a place.
-    """
-    if not _is_numeric(values):
-        return ""
-    v = np.unique(values.dropna().to_numpy(float))
-    pos = v[v > 0]
-    target = ax.xaxis if axis == "x" else ax.yaxis
-    setter = ax.set_xscale if axis == "x" else ax.set_yscale
-    note = ""
-    if len(v) >= 2 and (v >= 0).all() and len(pos):
-        if (v == 0).any():
-            setter("symlog", linthresh=pos.min(), linscale=0.5)
-            note = " (symlog axis, so 0 fits)"
-        elif pos.max() / pos.min() >= 2:
-            setter("log")
-            note = " (log axis)"
-    if 1 <= len(v) <= MAX_TICKS:
-        target.set_ticks(v, labels=[fmt_value(x) for x in v])
-        target.set_minor_locator(NullLocator())
-    return note
-
-
-class PlainLogFormatter(LogFormatter):
-    """Log-axis tick labels as plain numbers (0.02, 30) rather than 2×10⁻²; which ticks get a label
-    is still LogFormatter's choice (minor ones only when the axis spans few decades)."""
-
-    def __call__(self, x: float, pos: int | None = None) -> str:
-        return f"{x:g}" if super().__call__(x, pos) else ""
-
-
-def plain_log_labels(axis: Any) -> None:
-    axis.set_major_formatter(PlainLogFormatter())
-    axis.set_minor_formatter(PlainLogFormatter(minor_thresholds=(2, 0.5)))  # some minor labels to 2 decades
-
-
-def param_values(data: pd.DataFrame, param: str) -> pd.Series:
-    """A parameter's values for an axis: numbers, or labels for names and seeds (no order to show)."""
-    if _is_numeric(data[param]) and param != "seed":
-        return data[param]
-    return data[param].map(fmt_value)
-
-
-def _titles(fig: Figure, ax: Axes, title: str, note: str) -> None:
-    """A title, and under it in grey what the figure leaves out (kept clear of the axis labels)."""
-    if note:
-        fig.suptitle(title)
-        ax.set_title(note, fontsize=9, color="0.35")
-    else:
-        ax.set_title(title)
-
-
-# --- the frontier -----------------------------------------------------------------------------------
-
-
-def _front(points: pd.DataFrame) -> pd.DataFrame:
-    return points.loc[points["pareto"]].sort_values(["l0", "fvu"])
-
-
-def _reference_lines(ax: Axes) -> None:
-    low, high = ax.get_ylim()
-    for fvu, text in ((0.01, "99% variance explained"), (0.1, "90% variance explained")):
-        if low < fvu < high:
-            ax.axhline(fvu, color="0.6", lw=0.8, ls=":", zorder=0)
-            ax.annotate(
-                text,
-                (0, fvu),  # left: low L0 with low FVU is the region no trial reaches
-                xycoords=("axes fraction", "data"),
-                xytext=(4, 3),
-                textcoords="offset points",
-                ha="left",
-                fontsize=8,
-                color="0.4",
-            )
-    ax.set_ylim(low, high)
-
-
-def frontier_figure(df: pd.DataFrame) -> Figure:
-    """L0 vs FVU on log axes; completed trials coloured by the swept parameter, each sweep's front
-    drawn through its Pareto trials (several sweeps: one colour and marker per sweep)."""
-    fig = Figure(figsize=(9, 6.2), layout="constrained")
-    ax = fig.add_subplot()
-    points = completed(df)
-    sweeps = list(dict.fromkeys(df["sweep"]))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    if len(sweeps) > 1:
-        _overlay_sweeps(ax, points, sweeps)
-        title = "Sparsity vs reconstruction: " + " vs ".join(sweeps)
-    else:
-        _single_sweep(fig, ax, points, df)
-        title = f"{sweeps[0]}: sparsity vs reconstruction ({len(points)} completed trials)"
-    plain_log_labels(ax.xaxis)
-    plain_log_labels(ax.yaxis)
-    ax.set_xlabel("L0: mean active latents per token (log axis; lower = sparser)")
-    ax.set_ylabel("FVU = 1 − explained variance (log axis; lower = better)")
-    ax.grid(True, which="major", alpha=0.3)
-    if len(points):
-        ax.margins(x=0.08, y=0.08)
-        _reference_lines(ax)
-    else:
-        ax.text(0.5, 0.5, "no completed trial yet", transform=ax.transAxes, ha="center", color="0.4")
-    ax.annotate("better ↙", (0.01, 0.01), xycoords="axes fraction", fontsize=9, color="0.4")
-    _titles(fig, ax, title, not_shown_note(df, points))
-    return fig
-
-
-def _label_front(ax: Axes, front: pd.DataFrame, params: Sequence[str]) -> None:
-    """Label each front point with its settings, below-left of it: no trial can sit there (it would
-    dominate the point); the sparsest point's label goes right, away from the axis edge."""
-    if len(front) > MAX_FRONT_LABELS:
-        return
-    for i, (_, row) in enumerate(front.iterrows()):
-        right = i == 0
-        ax.annotate(
-            f"#{row['trial']} " + settings_label(row, params),
-            (row["l0"], row["fvu"]),
-            xytext=(8 if right else -8, -8),
-            textcoords="offset points",
-            ha="left" if right else "right",
-            va="top",
-            fontsize=8,
-            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.7),
-        )
-
-
-def _single_sweep(fig: Figure, ax: Axes, points: pd.DataFrame, df: pd.DataFrame) -> None:
-    swept = swept_params(df)
-    cparam = color_param(df)
-    mparam = next((p for p in swept if p != cparam), None)
-    colors, markers = ColorScale.of(df, cparam), marker_map(df, mparam)
-    for _, row in points.iterrows():
-        ax.scatter(
-            row["l0"],
-            row["fvu"],
-            s=80 if bool(row["pareto"]) else 45,
-            zorder=3,
-            color=colors.color(row[cparam]) if cparam else "C0",
-            marker=markers.get(row[mparam], "o") if mparam else "o",
-            edgecolors="black" if bool(row["pareto"]) else "none",
-            linewidths=1.3,
-        )
-    front = _front(points)
-    ax.plot(front["l0"], front["fvu"], color="black", lw=1.2, zorder=2)
-    _label_front(ax, front, swept[:3])
-    if cparam:
-        title = cparam + (f" ({SHORT[cparam]})" if cparam in SHORT else "")
-        colors.key(
-            fig,
-            ax,
-            list(points[cparam]),
-            title=title,
-            loc="upper center",
-            fontsize=8,
-            title_fontsize=8,
-            ncols=min(len(colors.values), 6),
-        )
-    handles = [
-        Line2D(
-            [],
-            [],
-            color="black",
-            lw=1.2,
-            marker="o",
-            mfc="white",
-            mec="black",
-            label=f"Pareto front ({len(front)} trials, black edge)",
-        )
-    ]
-    if mparam and markers:
-        handles += [
-            Line2D([], [], ls="", marker=m, color="0.3", label=f"{mparam}={fmt_value(v)}")
-            for v, m in markers.items()
-            if v in set(points[mparam])
-        ]
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
-
-
-def _overlay_sweeps(ax: Axes, points: pd.DataFrame, sweeps: list[str]) -> None:
-    handles = []
-    for i, name in enumerate(sweeps):
-        color, marker = mpl.colormaps["tab10"](i % 10), MARKERS[i % len(MARKERS)]
-        mine = points.loc[points["sweep"] == name]
-        ax.scatter(mine["l0"], mine["fvu"], color=color, marker=marker, s=40, alpha=0.5, zorder=3)
-        front = _front(mine)
-        ax.plot(front["l0"], front["fvu"], color=color, lw=2, marker=marker, ms=8, mec="black", zorder=4)
-        handles.append(
-            Line2D(
-                [],
-                [],
-                color=color,
-                lw=2,
-                marker=marker,
-                mec="black",
-                label=f"{name}: Pareto front ({len(front)} of {len(mine)} trials)",
-            )
-        )
-    handles.append(Line2D([], [], ls="", marker="o", color="0.5", alpha=0.5, label="other trials (faint)"))
-    ax.legend(handles=handles, loc="upper right", fontsize=9)
 
 
 # --- dead latents vs l1_lambda ----------------------------------------------------------------------
@@ -544,7 +220,7 @@ def _spread(front: pd.DataFrame, n: int) -> pd.DataFrame:
 
 def density_figure(df: pd.DataFrame) -> Figure | None:
     """log10 firing-density histograms (held-out split) of the Pareto trials on shared bins."""
-    front = _spread(_front(completed(df)), MAX_DENSITY_TRIALS)
+    front = _spread(pareto_front(completed(df)), MAX_DENSITY_TRIALS)
     loaded = [
         (row, np.asarray(load_density(str(row["run_dir"])).get("density", []), float))
         for _, row in front.iterrows()

@@ -235,7 +235,7 @@ def _read_only(plan: SweepPlan) -> bool:
 def _show_read_only(plan: SweepPlan) -> int:
     """A sweep directory this user cannot write: show a finished sweep's table, refuse to run one."""
     if plan.store.kind == "sqlite":
-        from sae_sweep.report.collect import open_storage
+        from sae_sweep.report.study import open_storage
 
         raw = open_storage(plan.store.url)  # read-only: no journal or lock file to create
     else:

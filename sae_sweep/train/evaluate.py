@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from sae_sweep.data.shards import ActivationDataset
-from sae_sweep.metrics import EvalAccumulator, F1Accumulator, match_features, mcc_of_matches
+from sae_sweep.measures import EvalAccumulator, F1Accumulator, match_features, mcc_of_matches
 from sae_sweep.models import SAE
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from sae_sweep.errors import (
     TrainingDiverged,
 )
 from sae_sweep.lm_eval import check_lm_eval, lm_eval_metrics
-from sae_sweep.metrics import DeadLatentTracker, density_histogram
+from sae_sweep.measures import DeadLatentTracker, density_histogram
 from sae_sweep.models import SAE, architecture, build_sae, resolve_model_config, save_sae
 from sae_sweep.recipe import l1_lambda_note
 from sae_sweep.rundir import Metrics
