@@ -47,7 +47,7 @@ if __name__ == "__main__":
         from sae_sweep.sweep.driver import main as sweep_main
 
         sys.exit(sweep_main(sys.argv[1:]))
-    from sae_sweep.sweep.compose import check_overrides
+    from sae_sweep.compose import check_overrides
 
     problem = check_overrides(sys.argv[1:])  # unknown keys, groups, options: one line, not Hydra's
     if problem:

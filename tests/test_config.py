@@ -146,7 +146,7 @@ def _user_groups(root):
 
 def test_user_config_groups_from_a_searchpath_reach_cli_python_and_sweeps(tmp_path):
     from sae_sweep import compose_config
-    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.compose import Composer
     from sae_sweep.sweep.plan import make_plan
 
     searchpath = _user_groups(tmp_path / "myconf")

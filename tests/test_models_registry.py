@@ -92,7 +92,7 @@ def test_register_in_python_then_compose_and_build(scratch_registry, tmp_path):
     exec(compile(PLUGIN, "shifted_relu_plugin.py", "exec"), namespace)
     cls = register_architecture(namespace["ShiftedReluSAE"])
     assert register_architecture(cls) is cls  # again: nothing happens
-    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.compose import Composer
 
     with Composer() as composer:
         cfg = composer.compose(["model=shifted_relu", "model.b_enc_init=-0.3"])

@@ -227,7 +227,7 @@ def test_a_bad_grid_point_stops_before_any_work(data_root, sweep_dir, capsys):
 def test_a_trial_whose_worker_vanished_elsewhere_is_retried(data_root, sweep_dir, storage, death):
     from optuna.trial import TrialState
 
-    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.compose import Composer
     from sae_sweep.sweep.plan import make_plan
     from sae_sweep.sweep.queue import claim
     from sae_sweep.sweep.store import OWNER_ATTR

@@ -5,8 +5,8 @@ import math
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from sae_sweep.compose import Composer
 from sae_sweep.errors import ConfigError
-from sae_sweep.sweep.compose import Composer
 from sae_sweep.sweep.objectives import Objective, objective_values, parse_objectives
 from sae_sweep.sweep.plan import make_plan
 from sae_sweep.sweep.space import format_value, parse_space

@@ -353,8 +353,8 @@ def test_a_failed_slurm_job_is_named_with_its_error_and_the_command_fails(small_
     """A worker job whose storage does not hold the study (as on a node that sees another disk) fails;
     the next command names it with its error and exits non-zero, once."""
     submitit = pytest.importorskip("submitit", reason="submitit is not installed (pip install -e '.[dev]')")
+    from sae_sweep.compose import Composer
     from sae_sweep.sweep import driver
-    from sae_sweep.sweep.compose import Composer
     from sae_sweep.sweep.plan import make_plan
     from sae_sweep.sweep.slurm import record_jobs
     from sae_sweep.sweep.worker import WorkerSpec, run_worker
@@ -395,7 +395,7 @@ def test_a_failed_slurm_job_is_named_with_its_error_and_the_command_fails(small_
 
 
 def test_slurm_job_parameters_follow_the_config():
-    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.compose import Composer
     from sae_sweep.sweep.plan import make_plan
     from sae_sweep.sweep.slurm import job_parameters
 

@@ -24,9 +24,9 @@ from optuna.exceptions import DuplicatedStudyError
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 
+from sae_sweep.compose import Composer
 from sae_sweep.errors import ConfigError, SaeSweepError
 from sae_sweep.sweep import saved, trialdirs
-from sae_sweep.sweep.compose import Composer
 from sae_sweep.sweep.plan import SweepPlan, check_sweep_dir, difference, make_plan, make_sampler
 from sae_sweep.sweep.queue import (
     IDENTITY_ATTR,

@@ -17,10 +17,10 @@ from typing import Any
 import optuna
 from omegaconf import OmegaConf
 
+from sae_sweep.compose import Composer, sweep_settings
 from sae_sweep.config import validate_sweep
 from sae_sweep.errors import ConfigError
 from sae_sweep.recipe import config_note
-from sae_sweep.sweep.compose import Composer, sweep_settings
 from sae_sweep.sweep.objectives import Objective, parse_objectives
 from sae_sweep.sweep.space import SearchSpace, parse_space
 from sae_sweep.sweep.store import StudyStore, resolve_store

@@ -19,8 +19,8 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from sae_sweep import rundir
+from sae_sweep.compose import Composer, trial_config
 from sae_sweep.errors import ConfigError
-from sae_sweep.sweep.compose import Composer, trial_config
 from sae_sweep.sweep.plan import SweepPlan, difference
 from sae_sweep.sweep.queue import IDENTITY_ATTR, known_params
 

@@ -25,9 +25,9 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sae_sweep import rundir
+from sae_sweep.compose import Composer, trial_config
 from sae_sweep.errors import PackInterrupted, RunStopped, SaeSweepError
 from sae_sweep.sweep import optuna_adapter as oa
-from sae_sweep.sweep.compose import Composer, trial_config
 from sae_sweep.sweep.objectives import objective_values
 from sae_sweep.sweep.packing import Packer
 from sae_sweep.sweep.plan import SweepPlan, make_plan, make_sampler

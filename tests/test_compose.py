@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from sae_sweep.compose import Composer
 from sae_sweep.errors import ConfigError
 from sae_sweep.models.registry import architectures
 from sae_sweep.sweep import driver
-from sae_sweep.sweep.compose import Composer
 
 CASES = {
     "model=nosuch": ("'model' = 'nosuch'", ["batchtopk", "jumprelu", "relu", "topk"]),
