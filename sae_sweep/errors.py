@@ -2,7 +2,8 @@
 
 SaeSweepError and its subclasses are errors a user can fix: each carries one line that names the key or
 file, the value and what is allowed. RunStopped is a run that ended early (diverged, collapsed, pruned)
-and PackInterrupted a Ctrl-C / SIGTERM that left checkpoints to resume from.
+and PackInterrupted a Ctrl-C / SIGTERM that left checkpoints to resume from; Released is a pack member
+let go (checkpointed) so that another worker resumes it.
 """
 
 from __future__ import annotations
@@ -67,3 +68,8 @@ class PackInterrupted(KeyboardInterrupt):
     def __init__(self, outcomes: Mapping[int, Metrics | BaseException]) -> None:
         super().__init__()
         self.outcomes = outcomes
+
+
+class Released(Exception):
+    """A pack member let go at a window boundary (train_pack's `release` hook): its checkpoint is written
+    and it resumes from it wherever it runs next. Not a failure, and nothing is recorded for it."""

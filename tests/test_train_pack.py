@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sae_sweep.errors import ConfigError, RunStopped, TrainingDiverged
+from sae_sweep.errors import ConfigError, Released, RunStopped, TrainingDiverged
 from sae_sweep.rundir import Metrics
 from sae_sweep.train import train
 from sae_sweep.train.loop import Outcome
@@ -151,3 +151,48 @@ def test_configs_that_cannot_share_batches_are_refused(make_cfg, tmp_path):
     ]
     with pytest.raises(ValueError, match="cannot share batches"):
         train_pack(cfgs)
+
+
+class _LetGo:
+    """A release hook that lets members `which` go at its `at`-th window boundary."""
+
+    def __init__(self, which: list[int], at: int, cfgs) -> None:
+        self.which, self.at, self.cfgs = which, at, cfgs
+        self.calls = 0
+        self.released: list[int] = []
+        self.checkpointed: list[bool] = []
+
+    def choose(self, active: list[int]) -> list[int]:
+        self.calls += 1
+        return [i for i in self.which if i in active] if self.calls == self.at else []
+
+    def done(self, released: list[int]) -> None:
+        self.released += released  # by now each has its checkpoint on disk (another worker resumes it)
+        self.checkpointed += [(Path(self.cfgs[i].out_dir) / "checkpoint.pt").is_file() for i in released]
+
+
+def test_members_let_go_mid_pack_resume_elsewhere_with_their_solo_result(make_cfg, tmp_path):
+    """A sweep worker shrinks its pack when another joins: members let go at a window boundary end
+    Released with a checkpoint; resumed in another pack they end exactly as trained alone."""
+    packed = _cfgs(make_cfg, tmp_path / "packed")
+    hook = _LetGo([1, 3], at=3, cfgs=packed)
+    outcomes = train_pack(packed, release=hook)
+    assert hook.released == [1, 3] and hook.checkpointed == [True, True]
+    assert isinstance(outcomes[1], Released) and isinstance(outcomes[3], Released)
+    kept = _completed([outcomes[0], outcomes[2]])
+    assert all(o["status"] == "completed" for o in kept)
+    assert not (Path(packed[1].out_dir) / "metrics.json").exists()  # nothing recorded for a released run
+    elsewhere = _completed(train_pack([packed[3], packed[1]]))  # another worker's pack, in another order
+    assert all(o["resumed_from_tokens"] > 0 for o in elsewhere)
+    for cfg in _cfgs(make_cfg, tmp_path / "solo"):
+        train(cfg)
+    for i in range(4):
+        _same_run(tmp_path / "solo" / f"m{i}", tmp_path / "packed" / f"m{i}")
+
+
+def test_the_last_member_of_a_pack_is_never_let_go(make_cfg, tmp_path):
+    cfgs = _cfgs(make_cfg, tmp_path, MEMBERS[:2])
+    hook = _LetGo([0, 1], at=2, cfgs=cfgs)
+    outcomes = train_pack(cfgs, release=hook)
+    assert len(hook.released) == 1 and isinstance(outcomes[hook.released[0]], Released)
+    assert _completed([outcomes[1 - hook.released[0]]])[0]["status"] == "completed"

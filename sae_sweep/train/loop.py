@@ -7,7 +7,9 @@ the loop (`run_pack`), whose steps are: stop if asked, read a window of batches,
 through it, account the time, show progress, checkpoint when due.
 
 Members resumed further along wait until the stream reaches them, so each sees exactly the batches it
-would alone and ends with the weights `train(cfg)` gives it.
+would alone and ends with the weights `train(cfg)` gives it. Between windows a `PackRelease` hook may let
+members go: each is checkpointed and ends with `Released`, to resume elsewhere from that checkpoint
+(a sweep's pack shrinking to its worker's share as workers join).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +29,7 @@ from sae_sweep.checks import resolve_device
 from sae_sweep.config import Config
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
-from sae_sweep.errors import RunStopped
+from sae_sweep.errors import Released, RunStopped
 from sae_sweep.progress import progress_bar
 from sae_sweep.rundir import Metrics
 from sae_sweep.train.stack import Stack, stack_groups
@@ -126,6 +128,18 @@ def window_size(n_members: int, batch_size: int, d_in: int) -> int:
     return max(1, min(MAX_WINDOW, WINDOW_BYTES // (4 * batch_size * d_in)))
 
 
+class PackRelease(Protocol):
+    """Asked between windows which members (indices into the pack) to let go."""
+
+    def choose(self, active: list[int]) -> list[int]:
+        """Members among `active` to let go now (usually none: called after every window)."""
+        ...
+
+    def done(self, released: list[int]) -> None:
+        """They are checkpointed and out of the pack."""
+        ...
+
+
 # (epoch, batch in epoch, index counted from the first epoch's first batch, x raw on the device)
 SharedBatch = tuple[int, int, int, torch.Tensor]
 
@@ -133,8 +147,11 @@ SharedBatch = tuple[int, int, int, torch.Tensor]
 class _PackLoop:
     """The state of one pass of run_pack; each method is one step of the loop."""
 
-    def __init__(self, members: Sequence[Trainer], outcomes: dict[int, Outcome]) -> None:
+    def __init__(
+        self, members: Sequence[Trainer], outcomes: dict[int, Outcome], release: PackRelease | None = None
+    ) -> None:
         first = members[0]
+        self.release = release
         cfg = first.cfg
         self.members, self.outcomes = members, outcomes
         self.active = dict(enumerate(members))
@@ -176,6 +193,7 @@ class _PackLoop:
                     self.account_time(steps_done, logged, t0, outside)
                     self.show_progress(sum(steps_done.values()))
                     self.checkpoint_if_due()
+                    self.release_if_asked()
         finally:
             self.bar.close()
             self.batches.close()
@@ -203,6 +221,36 @@ class _PackLoop:
             ", ".join(f"{m.state.tokens_seen} tokens" for m in self.active.values()),
         )
         raise KeyboardInterrupt
+
+    def release_if_asked(self) -> None:
+        """Let go the members the release hook chooses (never the last one): checkpoint, end Released."""
+        if self.release is None or len(self.active) < 2:
+            return
+        chosen = [i for i in self.release.choose(list(self.active)) if i in self.active]
+        let_go = []
+        for i in chosen[: len(self.active) - 1]:
+            m = self.active[i]
+            try:
+                m.checkpoint()
+            except RunStopped as err:  # diverged since its last row: it ends here, as it would have
+                m.record_stop(err)
+                self.end(i, err)
+                self.unstack(i)
+                continue
+            self.end(i, Released())
+            self.unstack(i)
+            let_go.append(i)
+        if let_go:
+            self.release.done(let_go)
+
+    def unstack(self, i: int) -> None:
+        """Member i, if stepped in a stack, leaves it (the stack is rebuilt without it)."""
+        for pos, (group, stack) in enumerate(self.stacks):
+            if i in group:
+                j = group.index(i)
+                stack.release(j)
+                self.restack(pos, [j])
+                return
 
     def read_window(self) -> list[SharedBatch]:
         shared = []
@@ -337,8 +385,11 @@ class _PackLoop:
             self.last_checkpoint = time.monotonic()
 
 
-def run_pack(members: Sequence[Trainer], outcomes: dict[int, Outcome]) -> None:
+def run_pack(
+    members: Sequence[Trainer], outcomes: dict[int, Outcome], release: PackRelease | None = None
+) -> None:
     """Train set-up members (same data, batch size, device) on one stream of batches until each has
-    finished or stopped; outcomes[i] gets member i's metrics or exception. Ctrl-C / SIGTERM checkpoints
-    the unfinished members and raises KeyboardInterrupt (outcomes then holds those that had ended)."""
-    _PackLoop(members, outcomes).run()
+    finished or stopped; outcomes[i] gets member i's metrics or exception (Released for one `release`
+    let go). Ctrl-C / SIGTERM checkpoints the unfinished members and raises KeyboardInterrupt (outcomes
+    then holds those that had ended)."""
+    _PackLoop(members, outcomes, release).run()

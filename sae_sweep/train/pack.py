@@ -2,7 +2,8 @@
 
 Each config becomes a Trainer; those already finished (or refused: a different run in the directory,
 a bad value) get their outcome at once; the rest open the data once, set up, and go through the batch
-loop together (loop.run_pack). Every member ends with exactly what `train(cfg)` would give it.
+loop together (loop.run_pack). Every member ends with exactly what `train(cfg)` would give it; one that a
+`release` hook lets go ends Released with its checkpoint written, and gets that result where it resumes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from omegaconf import DictConfig
 
 from sae_sweep.config import Config
 from sae_sweep.errors import PackInterrupted, RunStopped, SaeSweepError
-from sae_sweep.train.loop import Outcome, SharedData, run_pack, stream_key
+from sae_sweep.train.loop import Outcome, PackRelease, SharedData, run_pack, stream_key
 from sae_sweep.train.trainer import OnLog, Trainer
 
 
 def train_pack(
-    cfgs: Sequence[Config | DictConfig], on_logs: Sequence[OnLog | None] | None = None
+    cfgs: Sequence[Config | DictConfig],
+    on_logs: Sequence[OnLog | None] | None = None,
+    release: PackRelease | None = None,
 ) -> list[Outcome]:
     """Train several runs on one pass over shared batches; returns each run's metrics, or the exception
     that stopped it (RunStopped, a SaeSweepError, or another error), in the order of `cfgs`.
@@ -27,7 +30,8 @@ def train_pack(
     the runs may differ in anything else (architecture, width, l1_lambda, lr, k, seed, budget). Each run
     keeps its own directory, checkpoint, curves and metrics, and gets exactly the result `train(cfg)`
     gives it. Ctrl-C or SIGTERM checkpoints every unfinished run and raises PackInterrupted, which carries
-    the outcomes of the runs that had ended.
+    the outcomes of the runs that had ended. `release` (indices into `cfgs`) may let members go between
+    windows: they end Released, checkpointed.
     """
     on_logs = on_logs if on_logs is not None else [None] * len(cfgs)
     outcomes: dict[int, Outcome] = {}
@@ -44,7 +48,7 @@ def train_pack(
             return [outcomes.get(i, err) for i in range(len(cfgs))]
         ready = _set_up(members, shared, outcomes)
         if ready:
-            _train_together(ready, outcomes)
+            _train_together(ready, outcomes, release)
     return [outcomes[i] for i in range(len(cfgs))]
 
 
@@ -80,11 +84,27 @@ def _set_up(
     return ready
 
 
-def _train_together(ready: dict[int, Trainer], outcomes: dict[int, Outcome]) -> None:
+class _Renumbered:
+    """A release hook seen by the loop, whose members are numbered from 0, for one in config indices."""
+
+    def __init__(self, hook: PackRelease, order: list[int]) -> None:
+        self.hook, self.order = hook, order
+
+    def choose(self, active: list[int]) -> list[int]:
+        chosen = set(self.hook.choose([self.order[j] for j in active]))
+        return [j for j in active if self.order[j] in chosen]
+
+    def done(self, released: list[int]) -> None:
+        self.hook.done([self.order[j] for j in released])
+
+
+def _train_together(
+    ready: dict[int, Trainer], outcomes: dict[int, Outcome], release: PackRelease | None
+) -> None:
     order = list(ready)
     sub: dict[int, Outcome] = {}
     try:
-        run_pack([ready[i] for i in order], sub)
+        run_pack([ready[i] for i in order], sub, _Renumbered(release, order) if release else None)
     except KeyboardInterrupt:
         outcomes.update({order[j]: outcome for j, outcome in sub.items()})
         raise PackInterrupted(outcomes) from None
