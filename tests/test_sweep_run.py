@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -23,7 +24,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def small_args(data_root: Path, sweep_dir: Path, **overrides) -> list[str]:
     """Overrides for tiny trials (about a second each) on the tests' small ground-truth data."""
-    args = {f"data.{k}": v for k, v in SMALL_DATA.items()}
+    args: dict[str, Any] = {f"data.{k}": v for k, v in SMALL_DATA.items()}
     args.update(
         {
             "data.path": data_root,
@@ -43,9 +44,10 @@ def small_args(data_root: Path, sweep_dir: Path, **overrides) -> list[str]:
 
 
 def patch_train(monkeypatch, fn) -> None:
-    """Every trial the worker trains (packed or not) goes through fn(cfg, on_log), one after another."""
+    """Every trial the worker trains (packed or not) goes through fn(cfg, on_log), one after another
+    (nothing to release: these run one worker)."""
 
-    def fake_pack(cfgs, on_logs):
+    def fake_pack(cfgs, on_logs, release=None):
         done = {}
         for i, (cfg, on_log) in enumerate(zip(cfgs, on_logs, strict=True)):
             try:
@@ -242,6 +244,7 @@ def test_a_trial_whose_worker_vanished_elsewhere_is_retried(data_root, sweep_dir
         if death == "heartbeat stopped":  # a worker on another machine took a trial, beat once, vanished
             with plan.store.lock():
                 trial_id = claim(study, plan.store, raw, None)
+            assert trial_id is not None
             oa.set_trial_system_attr(study, trial_id, OWNER_ATTR, {"machine": "elsewhere", "pid": 1})
         else:  # killed between taking the trial and recording anything about itself
             trial_id = oa.trial_id(study.get_trials()[0])

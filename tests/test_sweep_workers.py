@@ -111,6 +111,10 @@ def wait_for_workers(storage: str, study_name: str | None, n: int, procs, timeou
     raise AssertionError(f"fewer than {n} workers registered in {timeout} s")
 
 
+# Long enough that a pack of 8 is still training when a copy started after it joins (seconds, loaded)
+LATE_JOIN_TOKENS = 150_000
+
+
 def per_command(trials) -> Counter:
     return Counter(t.system_attrs[OWNER_ATTR]["pid"] for t in trials)
 
@@ -134,6 +138,67 @@ def test_two_copies_of_a_command_split_the_grid(small_data, tmp_path):
     assert all("12 completed" in out for out in outs)
     left = list(roster_workers(load(storage)).values())
     assert len(left) == 2 and all(e["left"] is not None for e in left)  # both left the roster at their end
+
+
+def wait_for_pack(storage: str, study_name: str | None, proc, n: int, timeout: float = 180) -> None:
+    """Until command `proc` holds `n` RUNNING trials (it claimed its pack before anyone else joined)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, (
+            f"the command ended before it claimed a pack: {proc.communicate()[0][-3000:]}"
+        )
+        try:
+            running = optuna.load_study(study_name=study_name, storage=storage).get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)
+            )
+            if sum(1 for t in running if (t.system_attrs.get(OWNER_ATTR) or {}).get("pid") == proc.pid) >= n:
+                return
+        except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the first command did not claim a pack of {n} in {timeout} s")
+
+
+def start_late_joiners(cmd: list[str], cwd: Path, storage: str, study_name: str | None, n: int) -> list:
+    """A command alone claims an auto pack of 8 of the 12 points; only then do `n - 1` copies start."""
+    first = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_pack(storage, study_name, first, 8)
+    late = [
+        subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(n - 1)
+    ]
+    return [first, *late]
+
+
+def check_late_joiners_got_their_share(procs, storage: str, study_name: str | None, at_least: int) -> None:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), outs
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = assert_grid_done_once(study, "seed", list(range(12)))
+    assert not study.get_trials(states=(TrialState.FAIL,)), outs  # shrinking a pack is no failure
+    ran = per_command(complete)
+    assert set(ran) == {p.pid for p in procs} and min(ran.values()) >= at_least, (ran, outs)
+    assert "released to a worker that joined" in outs[0], outs[0]
+    assert all("asking the workers that claimed before it joined" in out for out in outs[1:]), outs
+    resumed = [
+        json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["resumed_from_tokens"]
+        for t in complete
+        if t.system_attrs[OWNER_ATTR]["pid"] != procs[0].pid
+    ]
+    assert max(resumed) > 0  # a released member continued from the checkpoint its first worker wrote
+    assert all("Traceback" not in out for out in outs), outs
+
+
+def test_a_copy_started_after_the_first_claimed_its_pack_gets_half_the_grid(small_data, tmp_path):
+    """No barrier: the first copy, alone, claims an auto pack of 8 of 12 points; the second starts once
+    that pack is claimed, asks for its share, and the first releases members to it (checkpointed, resumed
+    by the second): each trains at least 5, every point exactly once."""
+    sweep = tmp_path / "sweep"
+    seeds = ",".join(str(i) for i in range(12))
+    cmd = command(small_data, sweep, f"seed={seeds}", "sweep.grace_s=120", tokens=LATE_JOIN_TOKENS)
+    storage = f"sqlite:///{sweep / 'study.db'}"
+    procs = start_late_joiners(cmd, tmp_path, storage, None, 2)
+    check_late_joiners_got_their_share(procs, storage, None, 5)
 
 
 def test_kill_9_mid_trial_then_the_same_command_resumes(small_data, tmp_path):
@@ -283,6 +348,26 @@ def test_three_commands_at_once_on_postgresql_fill_the_queue_once(small_data, tm
     assert set(per_command(complete)) == {p.pid for p in procs}, outs  # every command trained a share
     assert sum("queued 9 trials" in out for out in outs) == 1
     assert not (sweep / "study.db").exists()
+
+
+def test_copies_started_after_the_first_claimed_its_pack_share_it_on_postgresql(
+    small_data, tmp_path, postgres_url
+):
+    """The same on the PostgreSQL server, with three commands: two start once the first holds its pack
+    of 8; each trains at least 3 of the 12 points."""
+    sweep = tmp_path / "sweep"
+    seeds = ",".join(str(i) for i in range(12))
+    cmd = command(
+        small_data,
+        sweep,
+        f"seed={seeds}",
+        f"sweep.storage='{postgres_url}'",
+        "sweep.study_name=pg_late",
+        "sweep.grace_s=120",
+        tokens=LATE_JOIN_TOKENS,
+    )
+    procs = start_late_joiners(cmd, tmp_path, postgres_url, "pg_late", 3)
+    check_late_joiners_got_their_share(procs, postgres_url, "pg_late", 3)
 
 
 def test_slurm_launcher_submits_worker_jobs(small_data, tmp_path):

@@ -104,6 +104,20 @@ def claim_many(
     return taken
 
 
+def release(study: optuna.Study, tid: int) -> bool:
+    """Put a trial this process holds back in the queue (RUNNING -> WAITING), its owner cleared, for
+    another worker to take and resume from its checkpoint; False if it is no longer this process's
+    (taken over). Call under StudyStore.lock(), after the trial's checkpoint is written."""
+    t = oa.get_trial(study, tid)
+    if t.state != TrialState.RUNNING or t.system_attrs.get(OWNER_ATTR) != this_process():
+        return False
+    try:
+        oa.set_trial_system_attr(study, tid, OWNER_ATTR, None)
+        return oa.set_state(study, tid, TrialState.WAITING)
+    except UpdateFinishedTrialError:
+        return False
+
+
 def known_params(t: FrozenTrial) -> dict[str, Any] | None:
     """The parameters a WAITING trial will run with, if fixed before it starts (a grid point or a retry);
     None for a search's budget slot, whose sampler picks them when a worker takes it."""

@@ -2,15 +2,17 @@
 leaves when it stops, so every worker can size its share of the waiting trials.
 
 A worker's entry is a study system attribute `sae_sweep:worker:<host>:<pid>:<start>` holding its host,
-process, SLURM job id (if any), the wall-clock time of its last beat and, once it has stopped, when it
-left. A worker counts as live while it has not left, its last beat is within the study's grace period,
-and (on the same machine) its process still exists. A killed worker never leaves; its entry goes stale.
+process, SLURM job id (if any), the wall-clock time of its last beat, how many trials it is waiting to be
+released to it (`want`, sweep/rebalance.py) and, once it has stopped, when it left. A worker counts as
+live while it has not left, its last beat is within the study's grace period, and (on the same machine)
+its process still exists. A killed worker never leaves; its entry goes stale.
 
 The share: a worker that is about to train claims at most ceil((waiting + running) / live workers) trials
 counting the ones it holds, so the trials of a grid split evenly among the workers present when they are
 claimed, a late joiner gets a share of what is still waiting, and a dead worker's share returns to the
-queue with its trials. Workers started together can wait until all have joined (`sweep.wait_for_workers`)
-so that none claims before the others are counted.
+queue with its trials. A worker that joins after the others have claimed their packs gets its share from
+them: they release pack members to it (sweep/rebalance.py). Workers started together can also wait until
+all have joined (`sweep.wait_for_workers`) so that none claims before the others are counted.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def live_workers(study: optuna.Study, grace_s: float) -> list[dict[str, Any]]:
     return [e for e in workers(study).values() if is_live(e, grace_s, now)]
 
 
+def wanted_by_others(study: optuna.Study, grace_s: float, me: str) -> int:
+    """Trials the other live workers are waiting to be released to them."""
+    now = time.time()
+    return sum(
+        int(e.get("want") or 0) for k, e in workers(study).items() if k != me and is_live(e, grace_s, now)
+    )
+
+
 def share(waiting: int, running: int, live: int) -> int:
     """Trials a worker holding none may claim: an even split of all the unfinished work among the live
     workers, at least one while any is waiting."""
@@ -71,10 +81,17 @@ class Registration:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="roster-heartbeat", daemon=True)
         self._failed = False
+        self.want = 0
 
     def beat(self, left: bool = False) -> None:
-        entry = {**self.me, "beat": time.time(), "left": time.time() if left else None}
+        entry = {**self.me, "beat": time.time(), "want": self.want, "left": time.time() if left else None}
         oa.set_study_system_attr(self.study, self.key, entry)
+
+    def ask(self, want: int) -> None:
+        """Say how many trials this worker is waiting to be released to it (0: none)."""
+        if want != self.want:
+            self.want = want
+            self.beat()
 
     def _run(self) -> None:
         while not self._stop.wait(self.store.heartbeat_s):
@@ -108,6 +125,7 @@ class Registration:
         self._stop.set()
         self._thread.join()
         try:
+            self.want = 0
             self.beat(left=True)
         except Exception:  # the storage is gone: the entry goes stale instead
             pass

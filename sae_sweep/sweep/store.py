@@ -256,13 +256,17 @@ class Heartbeat:
             try:
                 self.store.beat(self.storage, trial_id)
             except optuna.exceptions.UpdateFinishedTrialError:  # taken over: its new worker beats for it
-                self.trial_ids.remove(trial_id)
+                self.drop([trial_id])
             except Exception as err:  # a database hiccup must not kill the trial; the next beat retries
                 print(f"[sweep] heartbeat of trial id {trial_id} failed: {err}", flush=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.store.heartbeat_s):
             self._beat_all()
+
+    def drop(self, trial_ids: list[int]) -> None:
+        """Stop beating for these trials (released to another worker)."""
+        self.trial_ids[:] = [t for t in self.trial_ids if t not in trial_ids]
 
     def __enter__(self) -> Heartbeat:
         for trial_id in self.trial_ids:

@@ -1,5 +1,7 @@
-"""One sweep worker: take the next trial of the shared study, train it with the same `train(cfg)` a single
-run uses, record the outcome; repeat until the study has nothing left to run.
+"""One sweep worker: take the next trial of the shared study (with the trials it can share batches with,
+within this worker's share), train them with the same `train_pack` a single run uses, record each outcome;
+repeat until the study has nothing left to run. A worker joining late gets its share from the packs of
+the others (sweep/rebalance.py); how outcomes are recorded is sweep/record.py.
 
     python -m sae_sweep.sweep.worker '<WorkerSpec as JSON>'     (started by the driver, or a SLURM job)
 """
@@ -12,43 +14,30 @@ import os
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from sae_sweep import rundir
 from sae_sweep.compose import Composer, trial_config
-from sae_sweep.errors import PackInterrupted, RunStopped, SaeSweepError
+from sae_sweep.errors import PackInterrupted, Released, RunStopped, SaeSweepError
 from sae_sweep.sweep import optuna_adapter as oa
-from sae_sweep.sweep.objectives import objective_values
 from sae_sweep.sweep.packing import Packer
 from sae_sweep.sweep.plan import SweepPlan, make_plan, make_sampler
 from sae_sweep.sweep.pruning import CURVE_ATTR, MedianPruner
-from sae_sweep.sweep.queue import (
-    REASON_ATTR,
-    STATUS_ATTR,
-    claim,
-    claim_many,
-    fail_and_retry,
-    pending,
-    recover,
-)
+from sae_sweep.sweep.queue import claim, claim_many, fail_and_retry, pending, recover
+from sae_sweep.sweep.rebalance import Joining, Releaser
+from sae_sweep.sweep.record import Member, record
 from sae_sweep.sweep.roster import Registration, share
 from sae_sweep.sweep.space import Dimension, format_value
 from sae_sweep.sweep.store import OWNER_ATTR, Heartbeat, this_process
-from sae_sweep.train.loop import Outcome, stream_key
+from sae_sweep.train.loop import stream_key
 from sae_sweep.train.pack import train_pack
-
-# How a stopped run is recorded: pruned and collapsed runs stopped early on purpose, diverged ones failed.
-STOPPED_STATES = {"pruned": TrialState.PRUNED, "collapsed": TrialState.PRUNED, "diverged": TrialState.FAIL}
 
 
 @dataclass
@@ -78,10 +67,6 @@ class TrialTakenOver(BaseException):
     A BaseException, so the trainer stops the pack without recording it as a failure of the run."""
 
 
-def _json_safe(value: Any) -> Any:
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
 class Worker:
     def __init__(
         self,
@@ -98,6 +83,7 @@ class Worker:
         # workers to wait for before the first claim: this command's own, or sweep.wait_for_workers
         self.wait_for = max(wait_for, int(getattr(plan.settings, "wait_for_workers", 1) or 1))
         self.roster: Registration | None = None
+        self.joining: Joining | None = None  # until this worker's first pack is claimed
         s = plan.settings
         self.pruner = MedianPruner(s.pruner_startup_trials, s.pruner_warmup_rows) if plan.pruning else None
         self.poll_s = min(5.0, float(s.heartbeat_s))
@@ -117,6 +103,10 @@ class Worker:
                         f"{live} of {self.wait_for} workers joined within sweep.grace_s="
                         f"{self.plan.store.grace_s} s; starting with {live}",
                     )
+            self.joining = Joining(
+                self.study, self.plan.store, self.plan.n_trials, roster, lambda line: say(self.label, line)
+            )
+            self.joining.wait()
             return self._loop()
 
     def _loop(self) -> int:
@@ -149,7 +139,7 @@ class Worker:
                 say(self.label, f"trial {trial.number}: continues trial {number}'s run (moved to {run_dir})")
                 return
 
-    def _start(self, trial_id: int) -> _Member:
+    def _start(self, trial_id: int) -> Member:
         """Sample (or read) a claimed trial's parameters and compose its config."""
         trial = Trial(self.study, trial_id)
         system_attrs = oa.get_trial(self.study, trial_id).system_attrs
@@ -157,7 +147,7 @@ class Worker:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._adopt_previous_attempt(trial, system_attrs, run_dir)
         params = {d.name: suggest(trial, d) for d in self.plan.space.dims}
-        member = _Member(trial, params, run_dir, list(system_attrs.get(CURVE_ATTR, [])))
+        member = Member(trial, params, run_dir, list(system_attrs.get(CURVE_ATTR, [])))
         try:
             member.cfg = trial_config(
                 self.composer.compose(self.plan.space.overrides(params)), run_dir, self.progress
@@ -166,7 +156,7 @@ class Worker:
             member.error = err
         return member
 
-    def _claim_companions(self, first: _Member) -> list[int]:
+    def _claim_companions(self, first: Member) -> list[int]:
         """Claim the WAITING trials that can train on the same batches as `first`, as many as pay."""
         if self.packer is None or first.cfg is None:
             return []
@@ -175,21 +165,32 @@ class Worker:
         if limit <= 1:
             return []
 
-        def compatible(t: FrozenTrial) -> bool:
-            return self.packer.key_of_waiting(t) == key  # type: ignore[union-attr]
+        packer = self.packer
 
-        live = self.roster.live() if self.roster is not None else 1
-        with self.plan.store.lock():
-            trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            budget_left, running = pending(self.study, self.plan.n_trials)
-            takeable = min(sum(1 for t in trials if compatible(t)), budget_left)
-            # this worker's share of the unfinished work, counting the trial it holds (running already)
-            size = min(limit, share(takeable + 1, running - 1, live))
-            taken = claim_many(
-                self.study, self.plan.store, self.raw, self.plan.n_trials, size - 1, compatible
-            )
+        def compatible(t: FrozenTrial) -> bool:
+            return packer.key_of_waiting(t) == key
+
         first.pack_why = why
-        return taken
+        taken: list[int] = []
+        rounds = 0
+        while True:
+            live = self.roster.live() if self.roster is not None else 1
+            with self.plan.store.lock():
+                trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                budget_left, running = pending(self.study, self.plan.n_trials)
+                takeable = min(sum(1 for t in trials if compatible(t)), budget_left)
+                # this worker's share of the unfinished work, counting the trials it holds (running)
+                mine = 1 + len(taken)
+                size = min(limit, share(takeable + mine, running - mine, live))
+                more = claim_many(
+                    self.study, self.plan.store, self.raw, self.plan.n_trials, size - mine, compatible
+                )
+            if rounds and not more:  # what was released cannot join this pack (another stream)
+                return taken
+            taken, rounds = taken + more, rounds + 1
+            # a worker that joined late: wait for the others to release what its first pack lacks
+            if self.joining is None or not self.joining.wait(1 + len(taken), limit):
+                return taken
 
     def run_pack(self, trial_id: int) -> int:
         """Run a claimed trial, with the compatible trials it can share batches with; returns how many ran."""
@@ -197,7 +198,8 @@ class Worker:
         members = [self._start(trial_id)]
         with Heartbeat(self.plan.store, self.raw, trial_id):
             companions = self._claim_companions(members[0])
-        with Heartbeat(self.plan.store, self.raw, [trial_id, *companions]):
+        self.joining = None
+        with Heartbeat(self.plan.store, self.raw, [trial_id, *companions]) as heartbeat:
             members += [self._start(i) for i in companions]
             if len(members) > 1:
                 numbers = ", ".join(str(m.trial.number) for m in members)
@@ -210,7 +212,7 @@ class Worker:
                 shown = " ".join(f"{k}={format_value(v)}" for k, v in m.params.items()) or "(no swept keys)"
                 say(self.label, f"trial {m.trial.number}: {shown} -> {m.run_dir}")
             try:
-                self._train(members)
+                self._train(members, heartbeat)
             except KeyboardInterrupt:
                 self._end_unfinished(members, started, "interrupted (Ctrl-C or SIGTERM); resumed by a retry")
                 for m in members:
@@ -224,7 +226,7 @@ class Worker:
             except (TrialTakenOver, Exception) as err:
                 taken = [m for m in members if m.outcome is None and self._taken_over(m)]
                 for m in taken:
-                    m.outcome = err if isinstance(err, Exception) else RuntimeError("taken over")  # type: ignore[assignment]
+                    m.outcome = err if isinstance(err, Exception) else RuntimeError("taken over")
                     m.taken_over = True
                     say(
                         self.label,
@@ -235,28 +237,32 @@ class Worker:
                 self._end_unfinished(members, started, f"interrupted ({why}); resumed by a retry")
                 if not taken:  # not a take-over: the worker itself is broken (e.g. its storage): stop
                     raise
-                return len(members) - len(taken)
+                return sum(1 for m in members if not m.released) - len(taken)
             for m in members:
                 self._record(m, started)
-        return len(members)
+        return sum(1 for m in members if not m.released)
 
-    def _end_unfinished(self, members: list[_Member], started: float, reason: str) -> None:
+    def _record(self, m: Member, started: float) -> None:
+        if not m.released:
+            say(self.label, record(self.study, m, self.plan.objectives, started))
+
+    def _end_unfinished(self, members: list[Member], started: float, reason: str) -> None:
         """A pack that stopped early: record the members that had ended; re-enqueue the others, which
         resume from their checkpoints."""
         for m in members:
             if m.outcome is not None and not m.taken_over:
-                self._record(m, started)
+                self._record(m, started)  # a released member is not: its trial is another worker's
         with self.plan.store.lock():
             for m in members:
                 if m.outcome is None:
                     fail_and_retry(self.study, oa.get_trial(self.study, oa.trial_id(m.trial)), reason)
 
-    def _taken_over(self, m: _Member) -> bool:
+    def _taken_over(self, m: Member) -> bool:
         """Whether the study no longer has this member running for this process."""
         t = oa.get_trial(self.study, oa.trial_id(m.trial))
         return t.state != TrialState.RUNNING or t.system_attrs.get(OWNER_ATTR) != this_process()
 
-    def _on_log(self, m: _Member) -> Callable[[dict[str, float]], None]:
+    def _on_log(self, m: Member) -> Callable[[dict[str, float]], None]:
         objectives = self.plan.objectives
         trial, curve = m.trial, m.curve
 
@@ -280,99 +286,48 @@ class Worker:
 
         return on_log
 
-    def _train(self, members: list[_Member]) -> None:
+    def _train(self, members: list[Member], heartbeat: Heartbeat) -> None:
         """Train the members (those sharing a stream together) and set each one's outcome."""
-        groups: dict[str, list[_Member]] = {}
+        groups: dict[str, list[Member]] = {}
         for m in members:
-            if m.error is not None:
+            if m.error is not None or m.cfg is None:
                 m.outcome = m.error
             else:
-                groups.setdefault(stream_key(m.cfg), []).append(m)  # type: ignore[arg-type]
+                groups.setdefault(stream_key(m.cfg), []).append(m)
         for group in groups.values():
+            cfgs = [m.cfg for m in group if m.cfg is not None]
             try:
-                outcomes = train_pack([m.cfg for m in group], [self._on_log(m) for m in group])  # type: ignore[misc]
+                on_logs = [self._on_log(m) for m in group]
+                outcomes = train_pack(cfgs, on_logs, self._releaser(group, heartbeat))
             except PackInterrupted as stop:
                 for j, outcome in stop.outcomes.items():
-                    group[j].outcome = outcome
+                    self._set_outcome(group[j], outcome)
                 raise
             for m, outcome in zip(group, outcomes, strict=True):
-                m.outcome = outcome
+                self._set_outcome(m, outcome)
 
-    def _record(self, m: _Member, started: float) -> None:
-        state, values, status, reason, metrics = _judge(m, self.plan.objectives)
-        trial = m.trial
-        if status == "failed" and not isinstance(m.outcome, (SaeSweepError, RunStopped, dict)):
-            err = m.outcome
-            traceback.print_exception(type(err), err, err.__traceback__)  # type: ignore[arg-type]
-        attrs = {
-            **{k: _json_safe(v) for k, v in metrics.items()},
-            "run_dir": str(m.run_dir),
-            STATUS_ATTR: status,
-        }
-        if reason:
-            attrs[REASON_ATTR] = reason
-        try:
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
-            self.study.tell(trial, values, state=state)
-        except (UpdateFinishedTrialError, ValueError) as err:
-            say(
-                self.label,
-                f"trial {trial.number}: could not be recorded ({err}); another worker took it "
-                "over after its heartbeat stopped, and its retry will reuse this run",
-            )
-            return
-        summary = " ".join(
-            f"{o.metric}={metrics[o.metric]:.4g}"
-            for o in self.plan.objectives
-            if isinstance(metrics.get(o.metric), (int, float))
-        )
-        why = f" ({reason})" if reason else ""
-        say(self.label, f"trial {trial.number}: {status}{why} {summary} [{time.monotonic() - started:.0f} s]")
+    @staticmethod
+    def _set_outcome(m: Member, outcome: Any) -> None:
+        m.outcome = outcome
+        m.released = isinstance(outcome, Released)
 
+    def _releaser(self, group: list[Member], heartbeat: Heartbeat) -> Releaser | None:
+        """The hook that shrinks this pack to the worker's share when another worker joins."""
+        if len(group) < 2 or self.roster is None:
+            return None
 
-@dataclass
-class _Member:
-    """A claimed trial on its way through a pack."""
+        def released(indices: list[int]) -> None:
+            for i in indices:
+                group[i].released = True
+                say(
+                    self.label,
+                    f"trial {group[i].trial.number}: released to a worker that joined (this one now holds "
+                    "its share); it resumes from its checkpoint there",
+                )
 
-    trial: Trial
-    params: dict[str, Any]
-    run_dir: Path
-    curve: list[list[float]]
-    cfg: DictConfig | None = None
-    error: SaeSweepError | None = None  # its config could not be composed
-    outcome: Outcome | None = None
-    pack_why: str = ""
-    taken_over: bool = False
-
-
-def _judge(
-    m: _Member, objectives: list[Any]
-) -> tuple[TrialState, list[float] | None, str, str, dict[str, Any]]:
-    """(state, values, status, reason, metrics) of a member's outcome."""
-    outcome = m.outcome
-    if isinstance(outcome, RunStopped):
-        state = STOPPED_STATES.get(outcome.status, TrialState.FAIL)
-        return state, None, outcome.status, outcome.reason, _read_metrics(m.run_dir)
-    if isinstance(outcome, SaeSweepError):
-        return TrialState.FAIL, None, "failed", str(outcome), _read_metrics(m.run_dir)
-    if isinstance(outcome, BaseException):  # a bug or a broken environment in one trial: not the sweep's end
-        why = f"{type(outcome).__name__}: {outcome}"
-        return TrialState.FAIL, None, "failed", why, _read_metrics(m.run_dir)
-    assert outcome is not None
-    metrics: dict[str, Any] = dict(outcome)
-    if metrics.get("status") in STOPPED_STATES:  # evaluated, but not a result (e.g. FVU >= 1: collapsed)
-        status = str(metrics["status"])
-        return STOPPED_STATES[status], None, status, str(metrics.get("reason", "")), metrics
-    values, why = objective_values(objectives, metrics)
-    if values is None:
-        return TrialState.FAIL, None, "failed", why, metrics
-    return TrialState.COMPLETE, values, "completed", "", metrics
-
-
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    metrics = rundir.read_metrics(run_dir) or {}
-    return {k: v for k, v in metrics.items() if k not in (STATUS_ATTR, REASON_ATTR)}
+        ids = [oa.trial_id(m.trial) for m in group]
+        store, n = self.plan.store, self.plan.n_trials
+        return Releaser(self.study, store, self.raw, n, self.roster, heartbeat, ids, released)
 
 
 def open_study(plan: SweepPlan, worker_index: int = 0) -> tuple[optuna.Study, BaseStorage]:
