@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +17,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 from safetensors.torch import save_file
-from test_sweep_run import load, patch_train, small_args
+from test_sweep_run import load, patch_train, small_args, states
 
 from sae_sweep import rundir
 from sae_sweep.report import collect
@@ -244,3 +248,67 @@ def test_a_single_run_whose_fvu_is_one_or_more_stops_as_collapsed(make_cfg):
     assert json.loads((Path(cfg.out_dir) / rundir.METRICS).read_text())["status"] == "collapsed"
     with pytest.raises(RunStopped, match="collapsed"):  # the same command again: same verdict, no retraining
         real_train(cfg)
+
+
+# --- a sweep directory this user cannot write -----------------------------------------------------------
+def _bound_by_file_modes(cmd: list[str]) -> list[str] | None:
+    """`cmd` run so that file modes bind it. Tests usually run as root, whom modes do not stop (and the
+    interpreter may sit in root's home, out of other users' reach): run it as root without the
+    capabilities that bypass modes (setpriv). Another user needs nothing. None when neither works."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    return None if setpriv is None else [setpriv, "--bounding-set=-all", "--inh-caps=-all", *cmd]
+
+
+def _make_read_only(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+
+
+def _run_bound(args: list[str], probe: Path) -> subprocess.CompletedProcess:
+    """The sweep command, bound by file modes; skips when that cannot be arranged here."""
+    prefix = _bound_by_file_modes([sys.executable])
+    if prefix is None:
+        pytest.skip("running as root and setpriv (util-linux) is missing: file modes cannot bind the command")
+    can_write = subprocess.run(
+        [*prefix, "-c", f"import os; print(os.access({str(probe)!r}, os.W_OK))"],
+        capture_output=True,
+        text=True,
+    )
+    if can_write.stdout.strip() != "False":
+        pytest.skip(
+            f"file modes do not bind this user here ({can_write.stdout.strip()} {can_write.stderr[-300:]})"
+        )
+    return subprocess.run(
+        [*prefix, "-m", "sae_sweep", "-m", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_read_only_finished_sweep_shows_its_table(data_root, sweep_dir):
+    args = small_args(data_root, sweep_dir, seed="0,1")
+    assert driver.run(args) == 0
+    _make_read_only(sweep_dir)
+    res = _run_bound(args, sweep_dir)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "2 completed" in res.stdout, res.stdout
+    assert f"report: not written ({sweep_dir} is read-only)" in res.stdout, res.stdout
+
+
+def test_a_read_only_sweep_with_work_left_is_one_line_and_runs_once_writable(data_root, sweep_dir, capsys):
+    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.sweep.plan import make_plan
+
+    args = small_args(data_root, sweep_dir, seed="0,1")
+    with Composer() as composer:
+        driver.prepare_study(make_plan(args, composer), composer)  # queued, none run
+    _make_read_only(sweep_dir)
+    res = _run_bound(args, sweep_dir)
+    assert res.returncode == 2, res.stdout + res.stderr
+    line = one_error_line(res.stderr)
+    assert str(sweep_dir) in line and "read-only" in line and "2 trials left to run" in line, line
+    assert states(load(sweep_dir)) == ["WAITING", "WAITING"]  # nothing claimed, nothing left RUNNING
+    for p in [sweep_dir, *sweep_dir.rglob("*")]:  # the cause removed: the same command runs the sweep
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    assert driver.run(args) == 0
+    assert states(load(sweep_dir)) == ["COMPLETE", "COMPLETE"]
