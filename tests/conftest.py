@@ -15,7 +15,7 @@ from sae_sweep.config import Config, DataConfig, OptimizerConfig, TrainConfig
 from sae_sweep.models import model_config
 
 # Small enough for seconds per training on 2 cores, large enough to need real superposition.
-SMALL_DATA = dict(d_in=32, n_features=96, n_tokens=120_000, true_l0=3.0, chunk_tokens=1024)
+SMALL_DATA: dict[str, Any] = dict(d_in=32, n_features=96, n_tokens=120_000, true_l0=3.0, chunk_tokens=1024)
 
 
 @pytest.fixture(scope="session")
