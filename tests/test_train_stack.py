@@ -129,3 +129,34 @@ def test_stacking_is_automatic_on_cuda_only():
     assert stacking_on("auto", torch.device("cuda"))
     assert stacking_on("true", torch.device("cpu")) and stacking_on(True, torch.device("cpu"))
     assert not stacking_on("false", torch.device("cuda"))
+
+
+class _LetGoAt:
+    """A release hook (a sweep worker shrinking its pack) that lets `which` go at its `at`-th call."""
+
+    def __init__(self, which: list[int], at: int) -> None:
+        self.which, self.at, self.calls, self.released = which, at, 0, []
+
+    def choose(self, active: list[int]) -> list[int]:
+        self.calls += 1
+        return [i for i in self.which if i in active] if self.calls == self.at else []
+
+    def done(self, released: list[int]) -> None:
+        self.released += released
+
+
+def test_a_stacked_member_let_go_leaves_the_stack_and_resumes_elsewhere(make_cfg, tmp_path, monkeypatch):
+    members = [dict(l1_lambda=1.0), dict(l1_lambda=1.5, seed=1), dict(l1_lambda=3.0, lr=2e-3, seed=1)]
+    sizes = _count_stacks(monkeypatch)
+    cfgs = _cfgs(make_cfg, tmp_path / "stacked", members, stack=True)
+    hook = _LetGoAt([1], at=3)
+    outcomes = train_pack(cfgs, release=hook)
+    assert hook.released == [1] and sizes[:2] == [3, 2]  # the stack was rebuilt without it
+    assert (Path(cfgs[1].out_dir) / "checkpoint.pt").is_file()
+    assert all(not isinstance(outcomes[i], BaseException) for i in (0, 2))
+    resumed = train_pack([cfgs[1]])[0]  # another worker resumes it from its checkpoint
+    assert not isinstance(resumed, BaseException) and resumed["resumed_from_tokens"] > 0
+    solo = _cfgs(make_cfg, tmp_path / "solo", members, stack=False)
+    for i in range(3):
+        train(solo[i])
+        _close_runs(Path(solo[i].out_dir), Path(cfgs[i].out_dir))
