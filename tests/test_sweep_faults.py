@@ -296,7 +296,7 @@ def test_a_read_only_finished_sweep_shows_its_table(data_root, sweep_dir):
 
 
 def test_a_read_only_sweep_with_work_left_is_one_line_and_runs_once_writable(data_root, sweep_dir, capsys):
-    from sae_sweep.sweep.compose import Composer
+    from sae_sweep.compose import Composer
     from sae_sweep.sweep.plan import make_plan
 
     args = small_args(data_root, sweep_dir, seed="0,1")
