@@ -124,6 +124,22 @@ def test_an_interrupted_stack_resumes_with_compact_checkpoints(make_cfg, tmp_pat
         _close_runs(tmp_path / "solo" / f"m{i}", tmp_path / "stacked" / f"m{i}")
 
 
+def test_a_stack_trains_under_bf16_autocast_as_on_cuda(make_cfg, tmp_path):
+    # on CUDA precision=auto is bf16 autocast, so stacked steps run under it there by default
+    members = [{**m, "tokens": 20_000} for m in MEMBERS[1:3]] + [dict(model="topk", k=4, tokens=20_000)]
+    runs = {}
+    for stack in (False, True):
+        cfgs = _cfgs(make_cfg, tmp_path / str(stack), members, stack=stack)
+        for cfg in cfgs:
+            cfg.train.precision = "bf16"
+        outcomes = train_pack(cfgs)
+        runs[stack] = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(runs[True]) == len(members)
+    for solo, stacked in zip(runs[False], runs[True], strict=True):
+        assert stacked["status"] == "completed"
+        assert stacked["mse"] == pytest.approx(solo["mse"], rel=0.05)
+
+
 def test_stacking_is_automatic_on_cuda_only():
     assert not stacking_on("auto", torch.device("cpu"))
     assert stacking_on("auto", torch.device("cuda"))

@@ -186,14 +186,15 @@ class Stack:
             else:
                 f = self._topk(pre, [m.sae.k for m in self.members])  # pyright: ignore[reportArgumentType]
             x_hat = torch.baddbmm(p["b_dec"][:, None, :], f, p["W_dec"])
+            aux = self._aux(x_NBD, x_hat, pre) if self.kind == "topk" else None  # AuxK's matmul too
         mse = (x_NBD - x_hat).float().pow(2).sum(-1).mean(-1)
         active = f > 0
         l0 = active.sum(-1).float().mean(-1)
-        if self.kind == "relu":
+        if aux is None:
             sparsity = (f.float() * p["W_dec"].norm(dim=-1).float()[:, None, :]).sum(-1).mean(-1)
             loss = mse + coefs * sparsity
         else:
-            loss = mse + self._aux(x_NBD, x_hat, pre)
+            loss = mse + aux
         return loss, mse, l0, active.any(1), loss.sum()
 
     def _topk(self, pre: Tensor, ks: Sequence[int]) -> Tensor:
