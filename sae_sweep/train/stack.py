@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from sae_sweep.models.relu import ReluSAE
+from sae_sweep.models.topk import TopKSAE
 from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 
 if TYPE_CHECKING:
     from sae_sweep.train.trainer import Trainer
 
-STACKABLE = ("relu", "topk")
+# exactly these classes (not subclasses such as BatchTopK, whose selection differs)
+STACKABLE = (ReluSAE, TopKSAE)
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -46,10 +49,10 @@ def stacking_on(choice: Any, device: torch.device) -> bool:
 
 def stack_key(m: Trainer) -> tuple[Any, ...] | None:
     """What members must share to step as one stack; None for one that cannot stack."""
-    name = m.cfg.model.name
-    if name not in STACKABLE or not stacking_on(m.cfg.train.stack, m.device):
+    kind = type(m.sae)
+    if kind not in STACKABLE or not stacking_on(m.cfg.train.stack, m.device):
         return None
-    return (name, m.data.d_in, m.hidden, m.use_bf16, m.next_batch, m.sae.subtract_b_dec)
+    return (kind, m.data.d_in, m.hidden, m.use_bf16, m.next_batch, m.sae.subtract_b_dec)
 
 
 def stack_groups(members: Sequence[Trainer]) -> list[list[int]]:
@@ -72,6 +75,11 @@ def _member_tensors(m: Trainer) -> dict[str, Tensor]:
     }
 
 
+def _scheduled_lr(m: Trainer, step: int) -> float:
+    o = m.cfg.optimizer
+    return m.lr * lr_multiplier(step, m.total_steps, o.lr_warmup_frac, o.lr_decay_frac)
+
+
 def _as_member(name: str, t: Tensor) -> Tensor:
     return t.t() if name == "W_enc" else t
 
@@ -82,7 +90,7 @@ class Stack:
     def __init__(self, members: Sequence[Trainer]) -> None:
         self.members = list(members)
         first = self.members[0]
-        self.kind = first.cfg.model.name
+        self.topk = type(first.sae) is TopKSAE  # else ReluSAE
         self.device = first.device
         self.use_bf16 = first.use_bf16
         self.params: dict[str, nn.Parameter] = {}
@@ -95,10 +103,41 @@ class Stack:
             self.exp_avg[name] = torch.stack([a for a, _ in moments])
             self.exp_avg_sq[name] = torch.stack([b for _, b in moments])
         self.adam_steps = [self._adam_step(m) for m in self.members]
-        if self.kind == "topk":
+        if self.topk:
             counts = [m.sae.get_buffer("tokens_since_fired") for m in self.members]
             self.tokens_since_fired = torch.stack(counts)
+        self._constants()
         self._bind()
+
+    def _constants(self) -> None:
+        """The per-member numbers that do not change step to step, on the device once (on CUDA each
+        small host-to-device copy costs a launch, and a small stacked step is only a few launches)."""
+        members, dev = self.members, self.device
+        o = [m.cfg.optimizer for m in members]
+
+        def on_device(values: Sequence[float], dims: int = 1) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=dev).view(-1, *[1] * (dims - 1))
+
+        self.scales = on_device([m.scale_factor for m in members], 3)
+        self.clips = on_device([oi.grad_clip for oi in o])
+        self.b1, self.b2 = [oi.beta1 for oi in o], [oi.beta2 for oi in o]
+        self.adam_consts = {  # per parameter's rank: 1 - beta1, beta2, 1 - beta2, eps
+            dims: [on_device(v, dims) for v in ([1 - b for b in self.b1], self.b2, [1 - b for b in self.b2])]
+            + [on_device([oi.eps for oi in o], dims)]
+            for dims in {p.dim() for p in self.params.values()}
+        }
+        if self.topk:
+            saes: list[Any] = [m.sae for m in members]
+            self.ks = [s.k for s in saes]
+            self.aux_ks = [s.aux_k for s in saes]
+            self.dead_after = torch.tensor([s.aux_dead_tokens for s in saes], device=dev)[:, None]
+            self.aux_coef = on_device([s.aux_k_coef for s in saes])
+            self.aux_k = on_device(self.aux_ks)
+            # [N, 1, max k] masks of each member's first k (of its sorted top max-k): main, AuxK
+            self.keep = [
+                torch.arange(max(ks), device=dev) < torch.tensor(ks, device=dev)[:, None, None]
+                for ks in (self.ks, self.aux_ks)
+            ]
 
     # --- members' views into the stack ---------------------------------------------------------
     @staticmethod
@@ -122,14 +161,14 @@ class Stack:
             views = {name: nn.Parameter(_as_member(name, self.params[name].data[i])) for name in PARAMS}
             states = {
                 name: {
-                    "step": self._step_tensor(i),
+                    "step": torch.tensor(float(self.adam_steps[i])),  # on the host while stacked
                     "exp_avg": _as_member(name, self.exp_avg[name][i]),
                     "exp_avg_sq": _as_member(name, self.exp_avg_sq[name][i]),
                 }
                 for name in PARAMS
             }
             self._rebind(m, views, states)
-            if self.kind == "topk":
+            if self.topk:
                 m.sae.register_buffer("tokens_since_fired", self.tokens_since_fired[i])
 
     def _step_tensor(self, i: int) -> Tensor:
@@ -163,30 +202,25 @@ class Stack:
             for name in PARAMS
         }
         self._rebind(m, params, states)
-        if self.kind == "topk":
+        if self.topk:
             m.sae.register_buffer("tokens_since_fired", self.tokens_since_fired[i].clone())
         return m
 
     # --- one step --------------------------------------------------------------------------------
-    def _column(self, values: Sequence[float]) -> Tensor:
-        """[N, 1, 1] fp32 on the device: a per-member number broadcast over a member's matrix."""
-        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None, None]
-
     def _losses(self, x_BD: Tensor, coefs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per member: (loss, mse, l0) [N], fired [N, H] and the summed loss to differentiate."""
         p = self.params
-        scales = self._column([m.scale_factor for m in self.members])
-        x_NBD = x_BD[None] * scales
+        x_NBD = x_BD[None] * self.scales
         x_in = x_NBD - p["b_dec"][:, None, :] if self.members[0].sae.subtract_b_dec else x_NBD
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
         with autocast:
             pre = torch.baddbmm(p["b_enc"][:, None, :], x_in, p["W_enc"].transpose(1, 2))
-            if self.kind == "relu":
-                f = torch.relu(pre)
+            if self.topk:
+                f = self._topk(pre, self.keep[0])
             else:
-                f = self._topk(pre, [m.sae.k for m in self.members])  # pyright: ignore[reportArgumentType]
+                f = torch.relu(pre)
             x_hat = torch.baddbmm(p["b_dec"][:, None, :], f, p["W_dec"])
-            aux = self._aux(x_NBD, x_hat, pre) if self.kind == "topk" else None  # AuxK's matmul too
+            aux = self._aux(x_NBD, x_hat, pre) if self.topk else None  # AuxK's matmul too
         mse = (x_NBD - x_hat).float().pow(2).sum(-1).mean(-1)
         active = f > 0
         l0 = active.sum(-1).float().mean(-1)
@@ -197,37 +231,45 @@ class Stack:
             loss = mse + aux
         return loss, mse, l0, active.any(1), loss.sum()
 
-    def _topk(self, pre: Tensor, ks: Sequence[int]) -> Tensor:
-        """Each member's k largest relu(pre) per token (dense), members differing in k."""
-        vals, idx = pre.topk(max(ks), dim=-1)  # sorted: a member's k largest are the first k
-        keep = torch.arange(max(ks), device=pre.device) < torch.tensor(ks, device=pre.device)[:, None, None]
+    @staticmethod
+    def _topk(pre: Tensor, keep: Tensor) -> Tensor:
+        """Each member's k largest relu(pre) per token (dense), members differing in k: `keep` [N, 1,
+        max k] marks each member's first k."""
+        vals, idx = pre.topk(keep.shape[-1], dim=-1)  # sorted: a member's k largest are the first k
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals) * keep)
 
     def _aux(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
         """Per member: AuxK on its dead latents, as TopKSAE.aux_loss (0 where aux_k_coef is 0)."""
-        saes: list[Any] = [m.sae for m in self.members]
-        dead_after = torch.tensor([s.aux_dead_tokens for s in saes], device=x.device)
-        dead = self.tokens_since_fired >= dead_after[:, None]
+        dead = self.tokens_since_fired >= self.dead_after
         masked = torch.where(dead[:, None, :], pre, torch.full_like(pre, -torch.inf))
-        f_aux = self._topk(masked, [s.aux_k for s in saes]).nan_to_num(0.0)
+        f_aux = self._topk(masked, self.keep[1]).nan_to_num(0.0)
         residual = (x - x_hat).detach()
         aux_mse = (residual - torch.bmm(f_aux, self.params["W_dec"])).float().pow(2).sum(-1).mean(-1)
-        coef = torch.tensor([s.aux_k_coef for s in saes], device=x.device)
-        aux_k = torch.tensor([s.aux_k for s in saes], device=x.device)
-        scale = coef * (dead.sum(-1).float() / aux_k).clamp(max=1.0)
-        return torch.where(coef > 0, scale * aux_mse, torch.zeros_like(aux_mse))
+        scale = self.aux_coef * (dead.sum(-1).float() / self.aux_k).clamp(max=1.0)
+        return torch.where(self.aux_coef > 0, scale * aux_mse, torch.zeros_like(aux_mse))
 
     def step(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One optimizer step of every member on the (raw) batch; per-member (loss, mse, l0, fired)."""
         members = self.members
         steps = [m.state.step for m in members]
-        coefs = torch.tensor(
+        self.adam_steps = [n + 1 for n in self.adam_steps]
+        # this step's per-member numbers in one host-to-device copy: l1 coefficient, Adam's step size
+        # lr / (1 - beta1^t) and bias correction sqrt(1 - beta2^t)
+        per_step = torch.tensor(
             [
-                sparsity_coefficient(s, m.total_steps, m.l1_lambda, m.cfg.optimizer.l1_warmup_frac)
-                for s, m in zip(steps, members, strict=True)
+                [
+                    sparsity_coefficient(s, m.total_steps, m.l1_lambda, m.cfg.optimizer.l1_warmup_frac)
+                    for s, m in zip(steps, members, strict=True)
+                ],
+                [
+                    _scheduled_lr(m, s) / (1 - b**n)
+                    for m, s, b, n in zip(members, steps, self.b1, self.adam_steps, strict=True)
+                ],
+                [(1 - b**n) ** 0.5 for b, n in zip(self.b2, self.adam_steps, strict=True)],
             ],
-            device=self.device,
-        )
+            dtype=torch.float32,
+        ).to(self.device, non_blocking=True)
+        coefs = per_step[0]
         for p in self.params.values():
             p.grad = None
         loss, mse, l0, fired, total = self._losses(x_BD, coefs)
@@ -236,11 +278,11 @@ class Stack:
         assert all(g is not None for g in grads.values())
         g: dict[str, Tensor] = {name: t for name, t in grads.items() if t is not None}
         W_dec = self.params["W_dec"].detach()
-        if self.kind == "topk":  # the radial part of each unit decoder row's gradient (TopKSAE)
+        if self.topk:  # the radial part of each unit decoder row's gradient (TopKSAE)
             g["W_dec"].sub_((g["W_dec"] * W_dec).sum(-1, keepdim=True) * W_dec)
         self._clip(g)
-        self._adam(g, steps)
-        if self.kind == "topk":
+        self._adam(g, per_step[1], per_step[2])
+        if self.topk:
             with torch.no_grad():
                 W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
                 self.tokens_since_fired += x_BD.shape[0]
@@ -249,7 +291,7 @@ class Stack:
 
     def _clip(self, g: dict[str, Tensor]) -> None:
         """clip_grad_norm_ per member over its own gradients (grad_clip <= 0: none)."""
-        clips = torch.tensor([m.cfg.optimizer.grad_clip for m in self.members], device=self.device)
+        clips = self.clips
         sq = sum(t.float().pow(2).flatten(1).sum(1) for t in g.values())
         assert isinstance(sq, Tensor)
         coef = (clips / (sq.sqrt() + 1e-6)).clamp(max=1.0)
@@ -257,35 +299,27 @@ class Stack:
         for t in g.values():
             t.mul_(coef.view(-1, *[1] * (t.dim() - 1)).to(t.dtype))
 
-    def _adam(self, g: dict[str, Tensor], steps: Sequence[int]) -> None:
-        """Adam (torch.optim.Adam's update) on the stacked parameters, each member with its own lr
-        (at its schedule's step), betas, eps and bias correction."""
-        members = self.members
-        self.adam_steps = [n + 1 for n in self.adam_steps]
-        o = [m.cfg.optimizer for m in members]
-        lrs = [
-            m.lr * lr_multiplier(s, m.total_steps, oi.lr_warmup_frac, oi.lr_decay_frac)
-            for m, s, oi in zip(members, steps, o, strict=True)
-        ]
-        b1 = [oi.beta1 for oi in o]
-        b2 = [oi.beta2 for oi in o]
-        bc1 = [1 - b**n for b, n in zip(b1, self.adam_steps, strict=True)]
-        bc2 = [1 - b**n for b, n in zip(b2, self.adam_steps, strict=True)]
+    def _adam(self, g: dict[str, Tensor], step_size: Tensor, bias2: Tensor) -> None:
+        """Adam (torch.optim.Adam's update) on the stacked parameters, each member with its own lr (at
+        its schedule's step, in step_size = lr / (1 - beta1^t)), betas, eps and bias correction."""
         with torch.no_grad():
             for name, p in self.params.items():
                 shape = (-1,) + (1,) * (p.dim() - 1)
-
-                def col(values: Sequence[float], like: Tensor = p, shape: tuple[int, ...] = shape) -> Tensor:
-                    return torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
-
+                one_minus_b1, b2, one_minus_b2, eps = self.adam_consts[p.dim()]
                 m_, v_ = self.exp_avg[name], self.exp_avg_sq[name]
-                m_.lerp_(g[name], col([1 - b for b in b1]))
-                v_.mul_(col(b2)).addcmul_(g[name], g[name] * col([1 - b for b in b2]))
-                denom = (v_.sqrt() / col([c**0.5 for c in bc2])).add_(col([oi.eps for oi in o]))
-                p.sub_(col([lr / c for lr, c in zip(lrs, bc1, strict=True)]) * m_ / denom)
-        for i, m in enumerate(members):  # the members' optimizer state counts the step too
+                m_.lerp_(g[name], one_minus_b1)
+                v_.mul_(b2).addcmul_(g[name], g[name] * one_minus_b2)
+                denom = (v_.sqrt() / bias2.view(shape)).add_(eps)  # as torch's Adam: a division
+                p.sub_(step_size.view(shape) * m_ / denom)
+        for i, m in enumerate(self.members):  # the members' optimizer state counts the step too
             for name in PARAMS:
-                state = m.optimizer.state.setdefault(getattr(m.sae, name), {})
-                state["step"] = self._step_tensor(i)
-                state["exp_avg"] = _as_member(name, self.exp_avg[name][i])
-                state["exp_avg_sq"] = _as_member(name, self.exp_avg_sq[name][i])
+                param = getattr(m.sae, name)
+                state = m.optimizer.state.get(param)
+                if state:  # a CPU count while stacked: no copy to the device per member and step
+                    state["step"].fill_(float(self.adam_steps[i]))
+                    continue
+                m.optimizer.state[param] = {
+                    "step": torch.tensor(float(self.adam_steps[i])),
+                    "exp_avg": _as_member(name, self.exp_avg[name][i]),
+                    "exp_avg_sq": _as_member(name, self.exp_avg_sq[name][i]),
+                }
