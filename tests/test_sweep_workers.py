@@ -99,11 +99,13 @@ def test_workers_on_sqlite_share_the_grid(small_data, tmp_path):
 def wait_for_workers(storage: str, study_name: str | None, n: int, procs, timeout: float = 180) -> None:
     """Until `n` workers have registered in the study (or a command ended early: it then fails the test)."""
     deadline = time.time() + timeout
+    study = None  # loaded once: each load opens a connection pool (PostgreSQL has max_connections)
     while time.time() < deadline:
         ended = [p for p in procs if p.poll() is not None]
         assert not ended, f"a command ended before the others joined: {ended[0].communicate()[0][-3000:]}"
         try:
-            if len(roster_workers(optuna.load_study(study_name=study_name, storage=storage))) >= n:
+            study = study or optuna.load_study(study_name=study_name, storage=storage)
+            if len(roster_workers(study)) >= n:
                 return
         except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet
             pass
@@ -143,14 +145,14 @@ def test_two_copies_of_a_command_split_the_grid(small_data, tmp_path):
 def wait_for_pack(storage: str, study_name: str | None, proc, n: int, timeout: float = 180) -> None:
     """Until command `proc` holds `n` RUNNING trials (it claimed its pack before anyone else joined)."""
     deadline = time.time() + timeout
+    study = None  # loaded once: each load opens a connection pool (PostgreSQL has max_connections)
     while time.time() < deadline:
         assert proc.poll() is None, (
             f"the command ended before it claimed a pack: {proc.communicate()[0][-3000:]}"
         )
         try:
-            running = optuna.load_study(study_name=study_name, storage=storage).get_trials(
-                deepcopy=False, states=(TrialState.RUNNING,)
-            )
+            study = study or optuna.load_study(study_name=study_name, storage=storage)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if sum(1 for t in running if (t.system_attrs.get(OWNER_ATTR) or {}).get("pid") == proc.pid) >= n:
                 return
         except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet
