@@ -69,8 +69,13 @@ def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.Completed
     return res
 
 
-def load(storage: str) -> optuna.Study:
-    return optuna.load_study(study_name=None, storage=storage)
+def load(storage: str, study_name: str | None = None) -> optuna.Study:
+    """The study as the commands see it. On SQLite the test waits for a busy lock as the workers do
+    (sqlite's default 5 s wait is not enough beside training commands on a loaded machine)."""
+    if storage.startswith("sqlite:///"):
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 120}})
+        return optuna.load_study(study_name=study_name, storage=rdb)
+    return optuna.load_study(study_name=study_name, storage=storage)
 
 
 def assert_grid_done_once(study: optuna.Study, key: str, values: list) -> list[optuna.trial.FrozenTrial]:
@@ -104,7 +109,7 @@ def wait_for_workers(storage: str, study_name: str | None, n: int, procs, timeou
         ended = [p for p in procs if p.poll() is not None]
         assert not ended, f"a command ended before the others joined: {ended[0].communicate()[0][-3000:]}"
         try:
-            study = study or optuna.load_study(study_name=study_name, storage=storage)
+            study = study or load(storage, study_name)
             if len(roster_workers(study)) >= n:
                 return
         except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet
@@ -151,7 +156,7 @@ def wait_for_pack(storage: str, study_name: str | None, proc, n: int, timeout: f
             f"the command ended before it claimed a pack: {proc.communicate()[0][-3000:]}"
         )
         try:
-            study = study or optuna.load_study(study_name=study_name, storage=storage)
+            study = study or load(storage, study_name)
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if sum(1 for t in running if (t.system_attrs.get(OWNER_ATTR) or {}).get("pid") == proc.pid) >= n:
                 return
@@ -175,7 +180,7 @@ def start_late_joiners(cmd: list[str], cwd: Path, storage: str, study_name: str 
 def check_late_joiners_got_their_share(procs, storage: str, study_name: str | None, at_least: int) -> None:
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * len(procs), outs
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = load(storage, study_name)
     complete = assert_grid_done_once(study, "seed", list(range(12)))
     assert not study.get_trials(states=(TrialState.FAIL,)), outs  # shrinking a pack is no failure
     ran = per_command(complete)
