@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 # A latent is "dense" when it fires on more than this share of tokens.
 DENSE_THRESHOLD = 0.1
+# A run whose held-out FVU is at least this explains nothing (the mean does as well): recorded as
+# collapsed by the trainer, never on a Pareto front.
+COLLAPSED_FVU = 1.0
 
 # --- the registry -----------------------------------------------------------------------------------
 

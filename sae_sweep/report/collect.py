@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
+from sae_sweep.metrics import COLLAPSED_FVU, RUN_FACTS, every_run_has, running_columns
 from sae_sweep.metrics import METRICS as ALL_METRICS
-from sae_sweep.metrics import RUN_FACTS, every_run_has, running_columns
 from sae_sweep.progress import progress_bar
 from sae_sweep.report.pareto import pareto_mask
 from sae_sweep.report.study import load_trials, study_columns, trial_run_dir
@@ -67,7 +67,6 @@ RECORD_KEYS = {*ALL_METRICS, *RUN_FACTS} - {"architecture", "k"}  # config.yaml 
 
 # Objectives of a sweep whose study does not say (run directories copied by hand): the default sweep's.
 DEFAULT_OBJECTIVES = (("fvu", "minimize"), ("l0", "minimize"))
-COLLAPSED_FVU = 1.0  # a run that explains no more variance than the mean is never on a front
 
 
 def add_pareto(df: pd.DataFrame) -> pd.DataFrame:

@@ -8,6 +8,7 @@ one bad file must not wedge a run or a sweep that re-runs it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,36 @@ log = logging.getLogger("sae_sweep")
 KEYS = ("config", "model", "optimizer", "dead", "state", "scale_factor", "raw_mean_norm")
 
 
+@dataclass
+class RunState:
+    """What the loop carries and checkpoints besides model and optimizer."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    train_seconds: float = 0.0
+    # running sums (loss, mse, l0) and step count since the last curves row
+    interval_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    interval_steps: int = 0
+    curves: list[dict[str, float]] = field(default_factory=list)
+
+
 def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Atomic and durable: a kill or power cut mid-write never leaves a torn checkpoint."""
-    rundir.write_torch(run_dir / rundir.CHECKPOINT, state)
+    rundir.write_torch(run_dir / rundir.CHECKPOINT, _own(state))
+
+
+def _own(obj: Any) -> Any:
+    """obj with every tensor that views a larger storage copied out: a stacked member's weights and
+    Adam state are slices of its stack (train/stack.py), and torch.save writes a view's whole storage."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.nbytes else obj
+    if isinstance(obj, dict):
+        return {k: _own(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_own(v) for v in obj)
+    return obj
 
 
 def _set_aside(path: Path) -> Path:

@@ -13,7 +13,6 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,13 +29,15 @@ from sae_sweep.errors import (
     TrainingDiverged,
 )
 from sae_sweep.lm_eval import check_lm_eval, lm_eval_metrics
-from sae_sweep.measures import DeadLatentTracker, density_histogram
-from sae_sweep.models import SAE, architecture, build_sae, resolve_model_config, save_sae
+from sae_sweep.measures import DeadLatentTracker
+from sae_sweep.metrics import COLLAPSED_FVU
+from sae_sweep.models import SAE, architecture, build_sae, resolve_model_config
 from sae_sweep.recipe import l1_lambda_note
 from sae_sweep.rundir import Metrics
-from sae_sweep.train.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
+from sae_sweep.train.checkpoint import RunState, read_checkpoint, write_checkpoint
 from sae_sweep.train.evaluate import evaluate_sae
 from sae_sweep.train.loop import Outcome, SharedData, as_dictconfig, run_pack
+from sae_sweep.train.outputs import write_finished, write_stopped
 from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 
 log = logging.getLogger("sae_sweep")
@@ -44,8 +45,6 @@ log = logging.getLogger("sae_sweep")
 OnLog = Callable[[dict[str, float]], None]
 # A run whose mean L0 stays below this after the sparsity warm-up has collapsed (< 1 firing per 100 tokens).
 COLLAPSED_L0 = 0.01
-# A run whose held-out FVU is at least this explains nothing (the mean does as well): recorded collapsed.
-COLLAPSED_FVU = 1.0
 
 
 def check_config(cfg: Config | DictConfig) -> None:
@@ -54,21 +53,6 @@ def check_config(cfg: Config | DictConfig) -> None:
     validate(cfg)
     if cfg.eval.lm.enabled:
         check_lm_eval(cfg.eval.lm, cfg.data.path if cfg.data.kind == "shards" else None)
-
-
-@dataclass
-class RunState:
-    """What the loop carries and checkpoints besides model and optimizer."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    train_seconds: float = 0.0
-    # running sums (loss, mse, l0) and step count since the last curves row
-    interval_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    interval_steps: int = 0
-    curves: list[dict[str, float]] = field(default_factory=list)
 
 
 class Trainer:
@@ -216,8 +200,8 @@ class Trainer:
             self.run_dir,
             {
                 "config": self.cfg_dict,
-                "model": _own(self.sae.state_dict()),
-                "optimizer": _own(self.optimizer.state_dict()),
+                "model": self.sae.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "dead": self.dead.state_dict(),
                 "state": self.state.__dict__,
                 "scale_factor": self.scale_factor,
@@ -379,36 +363,13 @@ class Trainer:
         if self.cfg.eval.lm.enabled:
             data_path = self.cfg.data.path if self.cfg.data.kind == "shards" else None
             metrics.update(lm_eval_metrics(self.sae, self.cfg.eval.lm, data_path, self.scale_factor))
-        save_sae(self.sae, self.run_dir / rundir.SAE, self.scale_factor, self.raw_mean_norm)
-        rundir.write_csv(self.run_dir / rundir.CURVES, self.state.curves)
-        hist = density_histogram(self.density)
-        rundir.write_json(
-            self.run_dir / rundir.DENSITY,
-            {"density": self.density.tolist(), "histogram": hist, **self.latents},
-        )
-        rundir.write_json(self.run_dir / rundir.METRICS, metrics)
-        remove_checkpoint(self.run_dir)
+        write_finished(self.run_dir, self.sae, self.scale_factor, self.raw_mean_norm, self.state.curves,
+                       self.density, self.latents, metrics)  # fmt: skip
         return cast(Metrics, metrics)
 
     def record_stop(self, err: RunStopped) -> None:
         """A run that stopped early: metrics.json gets its status and reason; no SAE is written."""
-        last = self.state.curves[-1] if self.state.curves else {}
-        metrics = {**last, "status": err.status, "reason": err.reason, "tokens": self.state.tokens_seen}
-        rundir.write_json(self.run_dir / rundir.METRICS, metrics)
-        rundir.write_csv(self.run_dir / rundir.CURVES, self.state.curves)
-        remove_checkpoint(self.run_dir)
-
-
-def _own(obj: Any) -> Any:
-    """obj with every tensor that views a larger storage copied out: a stacked member's weights and
-    Adam state are slices of its stack (train/stack.py), and torch.save writes a view's whole storage."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone() if obj.untyped_storage().nbytes() > obj.nbytes else obj
-    if isinstance(obj, dict):
-        return {k: _own(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_own(v) for v in obj)
-    return obj
+        write_stopped(self.run_dir, self.state.curves, err, self.state.tokens_seen)
 
 
 def train(cfg: Config | DictConfig, on_log: OnLog | None = None) -> Metrics:
