@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import matplotlib.image
-import numpy as np
 import optuna
 import pandas as pd
 import pytest
 from conftest import SMALL_DATA
 from omegaconf import OmegaConf
+from test_report_pareto import brute_force_pareto
 
 from sae_sweep.config import Config, DataConfig, OptimizerConfig, TrainConfig
 from sae_sweep.errors import RunStopped
@@ -21,7 +21,6 @@ from sae_sweep.models import model_config
 from sae_sweep.report import collect, write_report
 from sae_sweep.report.__main__ import main
 from sae_sweep.report.collect import METRICS
-from sae_sweep.report.pareto import pareto_mask
 from sae_sweep.report.plots import FIGURES
 from sae_sweep.report.tables import summary_table, write_tables
 from sae_sweep.train import train
@@ -117,54 +116,6 @@ def small_sweep(tmp_path_factory, data_root) -> Path:
 @pytest.fixture(scope="session")
 def frame(small_sweep) -> pd.DataFrame:
     return collect(small_sweep, progress=False)
-
-
-def brute_force_pareto(l0: list[float], fvu: list[float]) -> list[bool]:
-    points = list(zip(l0, fvu, strict=True))
-
-    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
-
-    return [
-        not (np.isnan(p[0]) or np.isnan(p[1]))
-        and not any(dominates(q, p) for q in points if not (np.isnan(q[0]) or np.isnan(q[1])))
-        for p in points
-    ]
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_pareto_mask_matches_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 40))
-    # Few distinct values, so ties on one or both coordinates are common; some NaN (stopped trials).
-    l0 = rng.integers(0, 8, n).astype(float)
-    fvu = rng.integers(0, 8, n).astype(float) / 10
-    l0[rng.random(n) < 0.1] = np.nan
-    fvu[rng.random(n) < 0.1] = np.nan
-    assert pareto_mask(np.column_stack([l0, fvu])).tolist() == brute_force_pareto(l0.tolist(), fvu.tolist())
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_pareto_mask_of_three_objectives_with_directions_matches_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 30))
-    values = rng.integers(0, 4, (n, 3)).astype(float)  # many ties
-    directions = ["minimize", "maximize", "minimize"]
-    signed = values * np.array([1, -1, 1])
-
-    def dominates(a, b):
-        return all(a <= b) and any(a < b)
-
-    expected = [not any(dominates(signed[j], signed[i]) for j in range(n)) for i in range(n)]
-    assert pareto_mask(values, directions).tolist() == expected
-
-
-def test_identical_looking_trials_are_treated_alike():
-    """l1_lambda 0, 1e-9 and 1e-5 of the design card's grid: results equal to the digits shown."""
-    values = np.array([[0.41230001, 25.0], [0.41230004, 25.0], [0.4123, 25.00001], [0.5, 30.0]])
-    assert pareto_mask(values, ["minimize", "minimize"]).tolist() == [True, True, True, False]
-    values[0, 0] = 0.40  # now really better: it alone is on the front
-    assert pareto_mask(values, ["minimize", "minimize"]).tolist() == [True, False, False, False]
 
 
 def test_pareto_column_is_the_front_of_completed_trials(frame):
