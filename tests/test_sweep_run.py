@@ -99,7 +99,10 @@ def test_grid_runs_every_point_exactly_once_and_records_it(data_root, sweep_dir,
     )
     assert (sweep_dir / "report" / "table.md").is_file()  # written with sweep.report=false too
     out = capsys.readouterr().out
-    assert "explained_variance" in out and f"report: {sweep_dir / 'report'}" in out
+    # the summary names the sweep directory and the report relative to the working directory
+    assert (
+        "explained_variance" in out and "sweep directory: sweep\n" in out and "report: sweep/report/" in out
+    )
     assert "6 completed" in out
 
     # the same command again: nothing is repeated; with the full report (plots, when the report package
@@ -108,7 +111,7 @@ def test_grid_runs_every_point_exactly_once_and_records_it(data_root, sweep_dir,
     assert len(load(sweep_dir).get_trials()) == 6
     out = capsys.readouterr().out
     assert "nothing left to run" in out
-    report = Path(out.split("report: ")[-1].strip())
+    report = Path(out.split("report: ")[-1].strip()).absolute()
     assert report.is_file() and report.parent == sweep_dir / "report"
     with open(sweep_dir / "report" / "trials.csv") as fh:
         full = list(csv.DictReader(fh))

@@ -257,16 +257,25 @@ def _show_read_only(plan: SweepPlan) -> int:
     _print_summary(
         plan,
         sweep_frame(plan.sweep_dir, plan.study_name, plan.store.url),
-        f"not written ({plan.sweep_dir} is read-only)",
+        f"not written ({_shown(plan.sweep_dir)} is read-only)",
     )
     return 0
 
 
-def _print_summary(plan: SweepPlan, frame: Any, report: object) -> None:
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _print_summary(plan: SweepPlan, frame: Any, report: Path | str) -> None:
+    """The table, the counts, the sweep directory and the report (a path, or why there is none)."""
     print(format_table(frame, [o.metric for o in plan.objectives]))
     print(f"{counts(frame)}; * = Pareto front of {', '.join(str(o) for o in plan.objectives)}")
-    print(f"sweep directory: {plan.sweep_dir}")
-    print(f"report: {report}")
+    print(f"sweep directory: {_shown(plan.sweep_dir)}")
+    print(f"report: {_shown(report) if isinstance(report, Path) else report}")
 
 
 def _error_line(err: BaseException, plan: SweepPlan | None) -> str:
