@@ -29,7 +29,7 @@ from sae_sweep.config import DataConfig
 from sae_sweep.data.synthetic import ensure_synthetic
 from sae_sweep.sweep import optuna_adapter as oa
 from sae_sweep.sweep.roster import workers as roster_workers
-from sae_sweep.sweep.store import OWNER_ATTR
+from sae_sweep.sweep.store import OWNER_ATTR, resolve_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -82,13 +82,13 @@ def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.Completed
 
 
 @functools.cache
-def _storage(url: str) -> optuna.storages.RDBStorage:
+def _storage(url: str) -> optuna.storages.BaseStorage:
     """One storage, so one connection pool, per database for the whole test process: a poll that opened
     a pool per look (e.g. while the study does not exist yet) left dozens of PostgreSQL connections open
-    and the commands then hit the server's max_connections. On SQLite the test waits for a busy lock as
-    the workers do (sqlite's default 5 s wait is not enough beside training commands on a loaded machine)."""
-    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:///") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    and the commands then hit the server's max_connections. Opened as the commands open it: on SQLite
+    under their file lock, because opening an empty file creates Optuna's tables and a test creating
+    them beside a command made that command fail ("table studies already exists")."""
+    return resolve_store(url, Path("."), heartbeat_s=30, grace_s=120).open()
 
 
 def load(storage: str, study_name: str | None = None) -> optuna.Study:
