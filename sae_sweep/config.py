@@ -9,6 +9,7 @@ trainer's `check_config` runs both.)
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,9 @@ class Config:
     # the budget allows (sae_sweep/recipe.py)
     lr: float | None = None
     lr_scale: float = 1.0  # multiplies the recipe's lr (lr null only): `-m lr_check` sweeps it around 1
-    batch_size: int = 4096  # tokens per optimizer step
+    # tokens per optimizer step; null = the recipe: 4096, and for the TopK family halved (down to 1024)
+    # while the budget allows fewer than 400 steps (sae_sweep/recipe.py)
+    batch_size: int | None = None
     hidden_dim: int | None = None  # SAE width (latents); null = 8 * d_in
     tokens: int | None = None  # training budget in tokens; null = `epochs`
     epochs: float | None = None  # budget in passes over the train split; null = data.default_epochs
@@ -258,6 +261,24 @@ def resolve_recipe(
     return hidden, coef, base if steps is None else budget_lr(base, cls.family, d_in, hidden, k, steps)
 
 
+def resolve_batch_size(cfg: Config | DictConfig, n_train_tokens: int | None = None) -> int | None:
+    """The batch size a run uses: `batch_size`, or when null the recipe's for its architecture and budget
+    (sae_sweep.recipe.budget_batch_size). None only when that depends on an epochs budget and
+    `n_train_tokens` (the train split's size) is not given."""
+    from sae_sweep.recipe import budget_batch_size
+
+    if cfg.batch_size is not None:
+        return int(cfg.batch_size)
+    if cfg.tokens is not None:
+        budget: int | None = int(cfg.tokens)
+    elif n_train_tokens is not None:
+        epochs = cfg.epochs if cfg.epochs is not None else cfg.data.default_epochs
+        budget = math.ceil(epochs * n_train_tokens)
+    else:
+        budget = None
+    return budget_batch_size(architecture(cfg.model.name).family, budget)
+
+
 def run_name(override_dirname: str) -> str:
     """A directory name from the command's overrides ('default' for none); no nested folders."""
     name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
@@ -295,8 +316,8 @@ def validate(cfg: Config | DictConfig) -> None:
     positive("lr_scale", cfg.lr_scale)
     if cfg.lr is not None and cfg.lr_scale != 1:
         raise ConfigError("lr_scale", cfg.lr_scale, f"1 when lr is set (lr={cfg.lr:g} is used as given)")
-    if cfg.batch_size < 1:
-        raise ConfigError("batch_size", cfg.batch_size, "a positive integer (tokens per step)")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise ConfigError("batch_size", cfg.batch_size, "a positive integer (tokens per step), or null")
     if cfg.tokens is not None and cfg.epochs is not None:
         raise ConfigError("tokens", cfg.tokens, "null when epochs is set: give one training budget")
     positive("tokens", cfg.tokens, allow_none=True)

@@ -7,6 +7,11 @@ larger lr to get anywhere, so below LONG_BUDGET_STEPS the rule is scaled up (see
 rule and benchmarks/README.md, "Quality", for the measurements it comes from). `lr` set by the user
 is always used as given; `lr_scale` multiplies the recipe's value (what `-m lr_check` sweeps).
 
+`budget_batch_size`: the batch size a run uses when `batch_size` is null. At a fixed token budget
+more, smaller steps trained better TopK SAEs at every lr measured, so the TopK family starts at
+DEFAULT_BATCH_SIZE and halves it while the budget allows fewer than MIN_BUDGET_STEPS steps, down to
+MIN_BUDGET_BATCH_SIZE; relu and jumprelu keep DEFAULT_BATCH_SIZE (not measured at short budgets).
+
 `l1_lambda_note`: sae_sweep's relu loss is MSE summed over the input dimensions plus l1_lambda x L1
 (sum_i f_i ||W_dec,i||), both averaged over tokens. Code that averages the MSE over the dimensions
 and sums the L1 over the batch (the researcher's notes did) has a coefficient d_in x batch_size times
@@ -22,8 +27,10 @@ from typing import Any
 from sae_sweep.models.registry import architecture
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "L1_NEGLIGIBLE",
     "LONG_BUDGET_STEPS",
+    "budget_batch_size",
     "budget_lr",
     "config_note",
     "l1_lambda_note",
@@ -56,6 +63,31 @@ def budget_lr(base_lr: float, family: str, d_in: int, hidden: int, k: int | None
     return max(base_lr, min(base_lr * factor, TOPK_LR_CAP))
 
 
+# The recipe's batch size (tokens per optimizer step) and its short-budget rule for the TopK family:
+# e.g. 1M tokens trains at 2048 (489 steps) rather than 4096 (245), which measured 0.034 MCC better
+# (benchmarks/README.md, "Quality"); below MIN_BUDGET_BATCH_SIZE nothing was measured.
+DEFAULT_BATCH_SIZE = 4096
+MIN_BUDGET_STEPS = 400
+MIN_BUDGET_BATCH_SIZE = 1024
+
+
+def budget_batch_size(family: str, budget_tokens: int | None) -> int | None:
+    """The recipe batch_size for an architecture family and a budget in tokens (None: unknown yet).
+
+    TopK family: DEFAULT_BATCH_SIZE, halved while budget_tokens / batch < MIN_BUDGET_STEPS, at least
+    MIN_BUDGET_BATCH_SIZE; None when it depends on a budget not known yet (epochs before the data is
+    read). Other families: DEFAULT_BATCH_SIZE whatever the budget.
+    """
+    if family != "topk":
+        return DEFAULT_BATCH_SIZE
+    if budget_tokens is None:
+        return None
+    batch = DEFAULT_BATCH_SIZE
+    while batch > MIN_BUDGET_BATCH_SIZE and budget_tokens / batch < MIN_BUDGET_STEPS:
+        batch //= 2
+    return batch
+
+
 def notes_equivalent(l1_lambda: float, d_in: int, batch_size: int) -> float:
     """The l1_lambda here that a coefficient under the notes' convention (MSE averaged over the d_in
     dimensions, L1 summed over the batch) corresponds to: it is d_in x batch_size times stronger."""
@@ -81,7 +113,8 @@ def _round(value: float) -> str:
 
 def config_note(cfg: Any) -> str | None:
     """l1_lambda_note for a composed config, before any data is read (d_in from the synthetic keys or
-    the first shard's header); None where it does not apply or d_in cannot be known yet."""
+    the first shard's header); None where it does not apply or d_in cannot be known yet. (The L1
+    architectures' recipe batch size does not depend on the budget.)"""
     if (
         architecture(cfg.model.name).sparsity_metric != "l1"
         or cfg.l1_lambda is None
@@ -96,4 +129,6 @@ def config_note(cfg: Any) -> str | None:
             d_in = open_shards(Path(cfg.data.path))[0].d_in
         except Exception:  # unreadable folders are reported by the run itself, with their file
             return None
-    return l1_lambda_note(cfg.l1_lambda, int(d_in), int(cfg.batch_size))
+    family = architecture(cfg.model.name).family
+    batch_size = cfg.batch_size if cfg.batch_size is not None else budget_batch_size(family, None)
+    return l1_lambda_note(cfg.l1_lambda, int(d_in), int(batch_size or DEFAULT_BATCH_SIZE))

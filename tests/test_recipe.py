@@ -1,5 +1,5 @@
-"""The budget-aware recipe (lr from the architecture, width, k and steps), lr_scale, the lr_check saved
-sweep, and the one-line note for a relu l1_lambda too small to do anything."""
+"""The budget-aware recipe (lr from the architecture, width, k and steps; batch_size from the budget),
+lr_scale, the lr_check saved sweep, and the one-line note for a relu l1_lambda too small to do anything."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 from test_sweep_run import small_args
 
 from sae_sweep import recipe
-from sae_sweep.config import resolve_recipe, validate
+from sae_sweep.config import resolve_batch_size, resolve_recipe, validate
 from sae_sweep.errors import ConfigError
 from sae_sweep.models import architecture
 from sae_sweep.sweep import driver, saved
 from sae_sweep.train import train
+from sae_sweep.train.loop import stream_key
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
@@ -47,6 +48,52 @@ def test_the_run_records_the_recipe_lr_for_its_steps_and_lr_scale(make_cfg) -> N
     assert train(half)["lr"] == pytest.approx(expected / 2)
     given = make_cfg("topk", k=3, tokens=51_200, batch_size=512, lr=2e-3, out_dir=cfg.out_dir + "-given")
     assert train(given)["lr"] == 2e-3
+
+
+def test_topk_batch_size_halves_until_the_budget_allows_400_steps_relu_keeps_4096() -> None:
+    topk = {t: recipe.budget_batch_size("topk", t) for t in (10**5, 400_000, 10**6, 1_638_400, 4 * 10**6)}
+    # 1M tokens: 2048 (489 steps), where 4096 would give 245; never below 1024, however short
+    assert topk == {10**5: 1024, 400_000: 1024, 10**6: 2048, 1_638_400: 4096, 4 * 10**6: 4096}
+    assert recipe.budget_batch_size("topk", None) is None  # an epochs budget before the data is read
+    for family in ("relu", "jumprelu"):
+        assert {recipe.budget_batch_size(family, t) for t in (10**5, 10**6, None)} == {4096}
+
+
+def test_a_null_batch_size_trains_at_the_recipe_value_and_a_given_one_wins(make_cfg) -> None:
+    cfg = make_cfg("topk", k=3, tokens=40_960, batch_size=None)  # 4096 would be 10 steps: 1024 (40)
+    assert resolve_batch_size(cfg) == 1024
+    metrics = train(cfg)
+    assert (metrics["batch_size"], metrics["steps"]) == (1024, 40)
+    expected_lr = resolve_recipe("topk", 32, 128, None, None, steps=40, k=3)[2]
+    assert metrics["lr"] == pytest.approx(expected_lr)  # the lr's steps are the resolved batch's
+    given = make_cfg("topk", k=3, tokens=40_960, batch_size=2048, out_dir=cfg.out_dir + "-given")
+    assert (train(given)["batch_size"], resolve_batch_size(given)) == (2048, 2048)
+    relu = make_cfg("relu", tokens=40_960, batch_size=None, out_dir=cfg.out_dir + "-relu")
+    assert train(relu)["batch_size"] == 4096
+
+
+def test_an_epochs_budget_resolves_the_batch_size_from_the_train_split(make_cfg) -> None:
+    cfg = make_cfg("topk", k=3, tokens=None, epochs=2, batch_size=None)
+    assert resolve_batch_size(cfg) is None  # not known before the data is read ...
+    assert resolve_batch_size(cfg, n_train_tokens=100_000) == 1024  # 200k tokens: 1024 (195 steps)
+    metrics = train(cfg)  # ... and from the train split's size once it is
+    assert metrics["batch_size"] == 1024 and metrics["tokens"] >= 2 * 100_000
+
+
+def test_runs_share_batches_only_when_their_batch_sizes_resolve_alike(make_cfg) -> None:
+    null_1m, given_2048 = (
+        make_cfg("topk", k=3, tokens=10**6, batch_size=None),
+        make_cfg("topk", k=3, tokens=10**6),
+    )
+    given_2048.batch_size = 2048
+    assert stream_key(null_1m) == stream_key(given_2048)  # both train on batches of 2048
+    assert stream_key(make_cfg("relu", tokens=10**6, batch_size=None)) != stream_key(null_1m)  # 4096
+    epochs = [
+        make_cfg(arch, k=k, tokens=None, epochs=2, batch_size=None)
+        for arch, k in (("topk", 3), ("batchtopk", 3), ("relu", None))
+    ]
+    assert stream_key(epochs[0]) == stream_key(epochs[1])  # one family, one budget: one batch size
+    assert stream_key(epochs[0]) != stream_key(epochs[2])
 
 
 def test_lr_scale_with_a_given_lr_is_refused(make_cfg) -> None:

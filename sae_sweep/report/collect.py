@@ -20,7 +20,9 @@ from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
 from sae_sweep.metrics import COLLAPSED_FVU, RUN_FACTS, every_run_has, running_columns
 from sae_sweep.metrics import METRICS as ALL_METRICS
+from sae_sweep.models.registry import architecture
 from sae_sweep.progress import progress_bar
+from sae_sweep.recipe import budget_batch_size
 from sae_sweep.report.pareto import pareto_mask
 from sae_sweep.report.study import load_trials, study_columns, trial_run_dir
 from sae_sweep.rundir import RESUME_IGNORED_KEYS
@@ -131,7 +133,7 @@ def _metric_columns(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve_defaults(row: dict[str, Any]) -> None:
-    """Fill null l1_lambda / lr / hidden_dim (the recipe's value) so that rows group and plot by value.
+    """Fill null l1_lambda / lr / hidden_dim / batch_size (the recipe's) so rows group and plot by value.
 
     A completed run's metrics.json holds the value it used; for others the recipe is recomputed.
     """
@@ -145,6 +147,10 @@ def _resolve_defaults(row: dict[str, Any]) -> None:
     row["hidden_dim"], row["lr"] = hidden, lr
     if l1_lambda is not None:
         row["l1_lambda"] = l1_lambda
+    if row.get("batch_size") is None:  # the recipe's when the budget decides it from the config alone
+        budget = row.get("tokens_budget")
+        family = architecture(arch).family
+        row["batch_size"] = budget_batch_size(family, None if budget is None else int(budget))
 
 
 def read_run_dir(run_dir: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:

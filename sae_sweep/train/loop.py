@@ -26,10 +26,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep.checks import resolve_device
-from sae_sweep.config import Config
+from sae_sweep.config import Config, resolve_batch_size
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
 from sae_sweep.errors import Released, RunStopped
+from sae_sweep.models.registry import architecture
 from sae_sweep.progress import progress_bar
 from sae_sweep.rundir import Metrics
 from sae_sweep.train.stack import Stack, stack_groups
@@ -56,10 +57,17 @@ def as_dictconfig(cfg: Config | DictConfig) -> DictConfig:
 
 
 def stream_key(cfg: Config | DictConfig) -> str:
-    """What runs must agree on to share batches (train_pack): the data, its order, batch size, device."""
+    """What runs must agree on to share batches (train_pack): the data, its order, batch size, device.
+
+    A null batch_size is the recipe's (resolve_batch_size), known from the config alone for a token
+    budget; for an epochs budget it depends on the data's size, so the key holds what decides it (the
+    family and the epochs: equal keys still mean equal batch sizes)."""
     cfg = as_dictconfig(cfg)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    return json.dumps([data, cfg.batch_size, str(resolve_device(cfg.device))], sort_keys=True)
+    batch: Any = resolve_batch_size(cfg)
+    if batch is None:
+        batch = ["recipe", architecture(cfg.model.name).family, cfg.epochs]
+    return json.dumps([data, batch, str(resolve_device(cfg.device))], sort_keys=True)
 
 
 class StopRequests:
@@ -159,10 +167,10 @@ class _PackLoop:
         self.per_epoch = first.batches_per_epoch
         start = min(m.next_batch for m in members)
         self.batches = DeviceFeed(
-            first.data.train_batches(cfg.batch_size, start // self.per_epoch, start % self.per_epoch),
+            first.data.train_batches(first.batch_size, start // self.per_epoch, start % self.per_epoch),
             first.device,
         )
-        self.window = window_size(len(members), cfg.batch_size, first.data.d_in)
+        self.window = window_size(len(members), first.batch_size, first.data.d_in)
         # same-shape members stepped as one batched SAE (train.stack; CUDA only by default)
         self.stacks: list[tuple[list[int], Stack]] = [
             (group, Stack([members[i] for i in group])) for group in stack_groups(members)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep import rundir
 from sae_sweep.checks import resolve_device
-from sae_sweep.config import Config, resolve_recipe, validate
+from sae_sweep.config import Config, resolve_batch_size, resolve_recipe, validate
 from sae_sweep.errors import (
     ConfigError,
     RunStopped,
@@ -112,18 +112,21 @@ class Trainer:
         cfg = self.cfg
         d_in = self.data.d_in
         self.arch = architecture(cfg.model.name)
-        if cfg.batch_size > self.data.n_train_tokens:
+        n_train = self.data.n_train_tokens
+        batch_size = resolve_batch_size(cfg, n_train)
+        assert batch_size is not None  # known once the train split's size is
+        self.batch_size = batch_size
+        if batch_size > n_train:
+            given = "" if cfg.batch_size is not None else " (the recipe's, for batch_size=null)"
             raise ConfigError(
-                "batch_size",
-                cfg.batch_size,
-                f"at most the {self.data.n_train_tokens} tokens of the train split",
+                "batch_size", f"{batch_size}{given}", f"at most the {n_train} tokens of the train split"
             )
         if cfg.tokens is not None:
             budget = cfg.tokens
         else:
             epochs = cfg.epochs if cfg.epochs is not None else cfg.data.default_epochs
-            budget = math.ceil(epochs * self.data.n_train_tokens)
-        self.total_steps = max(1, math.ceil(budget / cfg.batch_size))
+            budget = math.ceil(epochs * n_train)
+        self.total_steps = max(1, math.ceil(budget / batch_size))
         self.hidden, coef, self.lr = resolve_recipe(
             cfg.model.name,
             d_in,
@@ -139,10 +142,10 @@ class Trainer:
         # again with the width resolved (e.g. model.k at most hidden, when hidden_dim was null)
         self.arch.check_config(resolve_model_config(cfg.model), cfg.l1_lambda, self.hidden)
         l1_penalised = self.arch.sparsity_metric == "l1"  # the notes' convention concerns an L1 penalty
-        if l1_penalised and (note := l1_lambda_note(self.l1_lambda, d_in, cfg.batch_size)):
+        if l1_penalised and (note := l1_lambda_note(self.l1_lambda, d_in, batch_size)):
             log.warning("%s", note)
-        self.batches_per_epoch = self.data.batches_per_epoch(cfg.batch_size)
-        self.log_every_steps = max(1, round(cfg.train.log_every_tokens / cfg.batch_size))
+        self.batches_per_epoch = self.data.batches_per_epoch(batch_size)
+        self.log_every_steps = max(1, round(cfg.train.log_every_tokens / batch_size))
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -312,7 +315,7 @@ class Trainer:
             self.sae,
             self.data,
             self.scale_factor,
-            batch_size=self.cfg.batch_size,
+            batch_size=self.batch_size,
             max_tokens=self.cfg.train.eval_tokens,
             device=self.device,
         )
@@ -342,7 +345,7 @@ class Trainer:
                 "l1_lambda": self.l1_lambda if self.arch.default_coef is not None else None,
                 "k": self.cfg.model.get("k"),
                 "lr": self.lr,
-                "batch_size": self.cfg.batch_size,
+                "batch_size": self.batch_size,
                 "scale_factor": self.scale_factor,
                 "raw_mean_norm": self.raw_mean_norm,
                 "status": "completed",
