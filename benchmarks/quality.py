@@ -40,7 +40,6 @@ from typing import Any
 GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
 GRID_BATCH = (1024, 2048, 4096)
 QUICK_GRID = ((1e-3, 1e-2), (1024, 4096))  # --quick: 4 points, enough to exercise the comparison
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ DATASETS: tuple[DataSet, ...] = (
         correlation_rank=8,
         hierarchy_frac=0.25,
         feature_magnitude_spread=0.3,
-        archs=("topk", "batchtopk"),
+        archs=("topk", "batchtopk", "matryoshka_batchtopk"),
     ),
     DataSet(
         "minilm-l3", "MiniLM-L6 residual after block 3, pydoc", "minilm", 600_000, ("topk", "relu"), 32, 3072
@@ -220,9 +219,16 @@ def _call(cmd: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
 
 
+def _sets_k(arch: str) -> bool:
+    """Whether the architecture's sparsity is model.k (the TopK family, by the registry)."""
+    from sae_sweep.models import architecture
+
+    return architecture(arch).family == "topk"
+
+
 def run_overrides(ds: DataSet, arch: str, tokens: int) -> list[str]:
     keys = [f"model={arch}", f"hidden_dim={ds.hidden}", f"tokens={tokens}", "train.progress=false"]
-    if arch in TOPK_FAMILY:
+    if _sets_k(arch):
         keys.append(f"model.k={ds.k}")
     return keys
 
@@ -277,7 +283,7 @@ def run_pair(
         "score": score,
         "tokens": tokens,
         "hidden": ds.hidden,
-        "k": ds.k if arch in TOPK_FAMILY else None,
+        "k": ds.k if _sets_k(arch) else None,
         "d_in": default.get("d_in"),
         "default": _row(default),
         "best": best,
