@@ -37,6 +37,14 @@ def main(cfg: DictConfig) -> None:
     except SaeSweepError as err:
         print(f"sae_sweep: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a file the run cannot write (full disk, permissions): nothing is lost
+        where = f"'{err.filename}'" if err.filename else "a file of the run"
+        print(
+            f"sae_sweep: error: {where}: {err.strerror or err}; once fixed, the same command resumes the "
+            "run from its last checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     print(f"run directory: {cfg.out_dir}")
     print(summary_line(metrics))
 

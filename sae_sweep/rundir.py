@@ -18,10 +18,12 @@ fsynced. A reader sees the old file or the new one, never a torn one, even after
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypedDict
@@ -38,6 +40,8 @@ SAE = "sae.safetensors"
 DENSITY = "density.json"
 
 TEMP_SUFFIX = ".tmp"
+# Free bytes under which a failed write is reported as a full disk (a checkpoint is tens of MB or more).
+DISK_NEARLY_FULL = 64 * 2**20
 
 
 class _MetricsIfMeasured(TypedDict, total=False):
@@ -133,11 +137,30 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except RuntimeError as err:  # torch's zip writer reports a failed write (e.g. a full disk) this way
+        failure = write_failure(path, err)
+        tmp.unlink(missing_ok=True)
+        raise failure from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_failure(path: Path, err: BaseException) -> OSError:
+    """An OSError naming `path` for a writer's non-OSError failure, ENOSPC when its disk is (nearly)
+    full: so the CLI reports it in one line, as it does any other file it cannot write."""
+    text = str(err).strip()
+    detail = text.splitlines()[0] if text else type(err).__name__
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < DISK_NEARLY_FULL:
+        problem = f"No space left on device ({free // 2**20} MiB free; {detail})"
+        return OSError(errno.ENOSPC, problem, str(path))
+    return OSError(errno.EIO, f"could not be written ({detail})", str(path))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

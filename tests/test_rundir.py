@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -27,6 +29,26 @@ def test_interrupted_writer_leaves_the_old_file_intact_and_no_temp(tmp_path: Pat
         rundir.atomic_write(path, dies_halfway)
     assert json.loads(path.read_text()) == {"status": "completed", "mse": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.METRICS]
+
+
+@pytest.mark.parametrize("free_mib, code", [(1, errno.ENOSPC), (10_000, errno.EIO)])
+def test_a_writer_failing_without_an_oserror_is_one_naming_the_file(
+    tmp_path: Path, monkeypatch, free_mib: int, code: int
+) -> None:
+    # torch.save on a full disk raises RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    path = rundir.write_text(tmp_path / "checkpoint.pt", "old")
+    usage = shutil.disk_usage(tmp_path)._replace(free=free_mib * 2**20)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda _: usage)
+
+    def failing(fh) -> None:
+        fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 20 vs 12")
+
+    with pytest.raises(OSError) as caught:
+        rundir.atomic_write(path, failing)
+    assert caught.value.errno == code and caught.value.filename == str(path)
+    assert "unexpected pos" in str(caught.value.strerror)
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
 
 
 def test_fsyncs_the_file_before_the_rename_and_the_directory_after(

@@ -250,6 +250,44 @@ def test_a_single_run_whose_fvu_is_one_or_more_stops_as_collapsed(make_cfg):
         real_train(cfg)
 
 
+def test_a_run_that_cannot_write_its_checkpoint_is_one_line_and_the_same_command_finishes(
+    data_root, tmp_path
+):
+    """A full disk under torch.save (its zip writer raises RuntimeError, not OSError): one line naming
+    the checkpoint, exit 2, and the same command trains the run once the disk has room."""
+    inject = tmp_path / "inject"  # torch.save fails in the command's own process, as on a full disk
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('SAE_SWEEP_TEST_FULL_DISK'):\n"
+        "    import torch\n"
+        "    def full_disk(*args, **kwargs):\n"
+        "        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 20 vs 12')\n"
+        "    torch.save = full_disk\n"
+    )
+    run_dir = tmp_path / "run"
+    keep = [a for a in small_args(data_root, tmp_path / "unused") if not a.startswith(("hydra.", "sweep."))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sae_sweep",
+        *keep,
+        "train.checkpoint_every_s=0.001",
+        f"hydra.run.dir={run_dir}",
+    ]
+    path = os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "SAE_SWEEP_TEST_FULL_DISK": "1"}
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    line = one_error_line(res.stderr)
+    assert f"'{run_dir / rundir.CHECKPOINT}'" in line and "unexpected pos" in line and "resumes" in line
+    assert not list(run_dir.glob("*.tmp"))
+    del env["SAE_SWEEP_TEST_FULL_DISK"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((run_dir / rundir.METRICS).read_text())["status"] == "completed"
+
+
 # --- a sweep directory this user cannot write -----------------------------------------------------------
 def _bound_by_file_modes(cmd: list[str]) -> list[str] | None:
     """`cmd` run so that file modes bind it. Tests usually run as root, whom modes do not stop (and the
