@@ -326,7 +326,7 @@ def test_cli_refuses_a_shard_with_nan_naming_the_file(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a hang guard; a refusal takes seconds, but a thrashing machine can stall the start
     )
     assert res.returncode == 2
     assert (
