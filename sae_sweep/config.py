@@ -90,8 +90,8 @@ class TrainConfig:
     # matmuls of the forward pass: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; weights,
     # optimizer state and the loss stay fp32 either way
     precision: str = "auto"
-    # a pack's same-shape relu / topk members step as one stacked SAE (train/stack.py): auto (on CUDA
-    # only; on CPU it measured slower) | true | false
+    # a pack's same-shape members (relu, topk, batchtopk, matryoshka_batchtopk) step as one stacked SAE
+    # (train/stack.py): auto (on CUDA only; on CPU it measured slower) | true | false
     stack: str = "auto"
 
 

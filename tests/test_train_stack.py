@@ -176,3 +176,24 @@ def test_a_stacked_member_let_go_leaves_the_stack_and_resumes_elsewhere(make_cfg
     for i in range(3):
         train(solo[i])
         _close_runs(Path(solo[i].out_dir), Path(cfgs[i].out_dir))
+
+
+def test_batchtopk_and_matryoshka_members_stack_and_train_as_one_by_one(make_cfg, tmp_path, monkeypatch):
+    # BatchTopK keeps the batch's top batch_size * k and a running inference threshold (saved with the
+    # SAE); Matryoshka adds its prefixes' errors; members differ in k, lr, seed and budget
+    members = [
+        dict(model="batchtopk", k=3),
+        dict(model="batchtopk", k=6, seed=1, lr=3e-3, tokens=30_000),
+        dict(model="matryoshka_batchtopk", k=4, seed=2),
+        dict(model="matryoshka_batchtopk", k=8, seed=3, lr=2e-3),
+    ]
+    for cfg in _cfgs(make_cfg, tmp_path / "solo", members, stack=False):
+        train(cfg)
+    sizes = _count_stacks(monkeypatch)
+    outcomes = train_pack(_cfgs(make_cfg, tmp_path / "stacked", members, stack=True))
+    assert all(not isinstance(o, BaseException) and o["status"] == "completed" for o in outcomes)
+    assert sorted(sizes) == [2, 2]
+    for i in range(len(members)):
+        _close_runs(tmp_path / "solo" / f"m{i}", tmp_path / "stacked" / f"m{i}")
+        threshold = load_file(str(tmp_path / "stacked" / f"m{i}" / "sae.safetensors"))["threshold"]
+        assert float(threshold.min()) > 0  # the inference threshold was learnt while stacked

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -152,6 +153,14 @@ class PackRelease(Protocol):
 SharedBatch = tuple[int, int, int, torch.Tensor]
 
 
+@dataclass(eq=False)  # compared by identity: the loop follows one stack through its rebuilds
+class _Stacked:
+    """A stack of the pack and the pack indices of its members (group[j] is stack.members[j])."""
+
+    group: list[int]
+    stack: Stack
+
+
 class _PackLoop:
     """The state of one pass of run_pack; each method is one step of the loop."""
 
@@ -172,8 +181,8 @@ class _PackLoop:
         )
         self.window = window_size(len(members), first.batch_size, first.data.d_in)
         # same-shape members stepped as one batched SAE (train.stack; CUDA only by default)
-        self.stacks: list[tuple[list[int], Stack]] = [
-            (group, Stack([members[i] for i in group])) for group in stack_groups(members)
+        self.stacks: list[_Stacked] = [
+            _Stacked(group, Stack([members[i] for i in group])) for group in stack_groups(members)
         ]
         self.checkpoint_every_s = min(m.cfg.train.checkpoint_every_s for m in members)
         self.last_checkpoint = time.monotonic()
@@ -198,6 +207,8 @@ class _PackLoop:
                     t0 = time.perf_counter()
                     shared = self.read_window()
                     steps_done, logged, outside = self.step_members(shared, stop)
+                    if not stop.requested:
+                        self.check_in_step(shared)
                     self.account_time(steps_done, logged, t0, outside)
                     self.show_progress(sum(steps_done.values()))
                     self.checkpoint_if_due()
@@ -253,10 +264,10 @@ class _PackLoop:
 
     def unstack(self, i: int) -> None:
         """Member i, if stepped in a stack, leaves it (the stack is rebuilt without it)."""
-        for pos, (group, stack) in enumerate(self.stacks):
-            if i in group:
-                j = group.index(i)
-                stack.release(j)
+        for pos, entry in enumerate(self.stacks):
+            if i in entry.group:
+                j = entry.group.index(i)
+                entry.stack.release(j)
                 self.restack(pos, [j])
                 return
 
@@ -277,15 +288,17 @@ class _PackLoop:
         steps_done: dict[int, int] = {}
         logged = False
         outside = 0.0
-        for pos in range(len(self.stacks)):
+        # Each stack by identity: one that ends mid-window leaves the list, and a later stack must not
+        # then skip the rest of the window (it would fall behind the stream, never to step again).
+        for entry in list(self.stacks):
             for epoch, batch_in_epoch, index, x_dev in shared:
-                if pos >= len(self.stacks) or stop.requested:
+                if entry not in self.stacks or stop.requested:
                     break
-                group, stack = self.stacks[pos]
-                if stack.members[0].next_batch == index:
+                if entry.stack.members[0].next_batch == index:
+                    pos = self.stacks.index(entry)
                     did_log, finishing = self.step_stack(pos, x_dev, epoch, batch_in_epoch, steps_done)
                     logged, outside = logged or did_log, outside + finishing
-        stacked = {i for group, _ in self.stacks for i in group}
+        stacked = {i for entry in self.stacks for i in entry.group}
         for i, m in list(self.active.items()):
             if i in stacked:
                 continue
@@ -315,12 +328,20 @@ class _PackLoop:
                     self.end(i, err)
         return steps_done, logged, outside
 
+    def check_in_step(self, shared: list[SharedBatch]) -> None:
+        """Every member still running has stepped through the window: one left behind the stream would
+        never step again (the stream only moves on), so that is a bug to report, not a loop to spin."""
+        last = shared[-1][2]
+        behind = [str(m.run_dir) for m in self.active.values() if m.next_batch <= last]
+        if behind:
+            raise RuntimeError(f"pack loop: {', '.join(behind)} fell behind the batch stream at batch {last}")
+
     def step_stack(
         self, pos: int, x_dev: torch.Tensor, epoch: int, batch_in_epoch: int, steps_done: dict[int, int]
     ) -> tuple[bool, float]:
         """One step of stack `pos` on a raw batch, then each member's bookkeeping; members that end
         leave the stack. Returns whether any logged a row and the seconds spent finishing runs."""
-        group, stack = self.stacks[pos]
+        group, stack = self.stacks[pos].group, self.stacks[pos].stack
         n = x_dev.shape[0]
         try:
             loss, mse, l0, fired = stack.step(x_dev)
@@ -360,11 +381,13 @@ class _PackLoop:
         return logged, outside
 
     def restack(self, pos: int, leaving: list[int]) -> None:
-        """Rebuild stack `pos` without its members `leaving` (already released)."""
-        group, stack = self.stacks[pos]
+        """Rebuild stack `pos` without its members `leaving` (already released), in place: the window
+        goes on stepping it."""
+        entry = self.stacks[pos]
+        group, stack = entry.group, entry.stack
         stay = [j for j in range(len(group)) if j not in leaving]
         if len(stay) >= 2:
-            self.stacks[pos] = ([group[j] for j in stay], Stack([stack.members[j] for j in stay]))
+            entry.group, entry.stack = [group[j] for j in stay], Stack([stack.members[j] for j in stay])
             return
         for j in stay:  # a stack of one is a member stepped alone again
             stack.release(j)

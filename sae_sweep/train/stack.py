@@ -14,10 +14,12 @@ stacked, so a checkpoint or a look at a member sees its current weights. A membe
 finished, was pruned or diverged) first gets its own copies back, then the stack is rebuilt from the
 others: its exit does not disturb them.
 
-What stacks (`stack_groups`): members of architecture relu or topk (the TopK step in its dense
-formulation, AuxK included) with the same architecture, d_in, hidden, precision and next batch. On
-CPU batched matmuls of small matrices ran slower than the same GEMMs one by one (0.59x,
-benchmarks/README.md), so `train.stack=auto` stacks on CUDA only; `true` forces it (the tests).
+What stacks (`stack_groups`): members of architecture relu, topk, batchtopk or matryoshka_batchtopk
+(the TopK family in its dense formulation, AuxK and BatchTopK's inference threshold included;
+Matryoshka with the same prefix widths) with the same architecture, d_in, hidden, precision and next
+batch; jumprelu steps one by one. On CPU batched matmuls of small matrices ran slower than the same
+GEMMs one by one (0.59x, benchmarks/README.md), so `train.stack=auto` stacks on CUDA only; `true`
+forces it (the tests).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from sae_sweep.models.batchtopk import BatchTopKSAE
+from sae_sweep.models.matryoshka import MatryoshkaBatchTopKSAE
 from sae_sweep.models.relu import ReluSAE
 from sae_sweep.models.topk import TopKSAE
 from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
@@ -36,8 +40,9 @@ from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 if TYPE_CHECKING:
     from sae_sweep.train.trainer import Trainer
 
-# exactly these classes (not subclasses such as BatchTopK, whose selection differs)
-STACKABLE = (ReluSAE, TopKSAE)
+# exactly these classes (a subclass may change the step: each one here has its own branch below)
+STACKABLE = (ReluSAE, TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE)
+BATCH_TOPK = (BatchTopKSAE, MatryoshkaBatchTopKSAE)
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -52,7 +57,8 @@ def stack_key(m: Trainer) -> tuple[Any, ...] | None:
     kind = type(m.sae)
     if kind not in STACKABLE or not stacking_on(m.cfg.train.stack, m.device):
         return None
-    return (kind, m.data.d_in, m.hidden, m.use_bf16, m.next_batch, m.sae.subtract_b_dec)
+    widths = tuple(getattr(m.sae, "prefix_widths", ()))  # Matryoshka's prefixes: one set per stack
+    return (kind, m.data.d_in, m.hidden, m.use_bf16, m.next_batch, m.sae.subtract_b_dec, widths)
 
 
 def stack_groups(members: Sequence[Trainer]) -> list[list[int]]:
@@ -90,7 +96,10 @@ class Stack:
     def __init__(self, members: Sequence[Trainer]) -> None:
         self.members = list(members)
         first = self.members[0]
-        self.topk = type(first.sae) is TopKSAE  # else ReluSAE
+        kind = type(first.sae)
+        self.topk = kind is not ReluSAE  # the TopK family: unit decoder rows, AuxK, dead counts
+        self.batch_topk = kind in BATCH_TOPK  # the batch's top B * k, and an inference threshold
+        self.prefix_widths: list[int] = list(getattr(first.sae, "prefix_widths", [first.hidden]))
         self.device = first.device
         self.use_bf16 = first.use_bf16
         self.params: dict[str, nn.Parameter] = {}
@@ -106,6 +115,10 @@ class Stack:
         if self.topk:
             counts = [m.sae.get_buffer("tokens_since_fired") for m in self.members]
             self.tokens_since_fired = torch.stack(counts)
+        if self.batch_topk:
+            self.threshold = torch.stack([m.sae.get_buffer("threshold") for m in self.members])
+            flags = [m.sae.get_buffer("threshold_initialised") for m in self.members]
+            self.threshold_initialised = torch.stack(flags)
         self._constants()
         self._bind()
 
@@ -133,6 +146,8 @@ class Stack:
             self.dead_after = torch.tensor([s.aux_dead_tokens for s in saes], device=dev)[:, None]
             self.aux_coef = on_device([s.aux_k_coef for s in saes])
             self.aux_k = on_device(self.aux_ks)
+            self.k_per_member = torch.tensor(self.ks, device=dev)[:, None]
+            self.momentum = on_device([getattr(s, "threshold_momentum", 0.0) for s in saes])
             # [N, 1, max k] masks of each member's first k (of its sorted top max-k): main, AuxK
             self.keep = [
                 torch.arange(max(ks), device=dev) < torch.tensor(ks, device=dev)[:, None, None]
@@ -170,6 +185,9 @@ class Stack:
             self._rebind(m, views, states)
             if self.topk:
                 m.sae.register_buffer("tokens_since_fired", self.tokens_since_fired[i])
+            if self.batch_topk:
+                m.sae.register_buffer("threshold", self.threshold[i])
+                m.sae.register_buffer("threshold_initialised", self.threshold_initialised[i])
 
     def _step_tensor(self, i: int) -> Tensor:
         # as torch's fused Adam keeps it: fp32, on the parameters' device
@@ -204,6 +222,9 @@ class Stack:
         self._rebind(m, params, states)
         if self.topk:
             m.sae.register_buffer("tokens_since_fired", self.tokens_since_fired[i].clone())
+        if self.batch_topk:
+            m.sae.register_buffer("threshold", self.threshold[i].clone())
+            m.sae.register_buffer("threshold_initialised", self.threshold_initialised[i].clone())
         return m
 
     # --- one step --------------------------------------------------------------------------------
@@ -215,13 +236,18 @@ class Stack:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
         with autocast:
             pre = torch.baddbmm(p["b_enc"][:, None, :], x_in, p["W_enc"].transpose(1, 2))
-            if self.topk:
+            if self.batch_topk:
+                f = self._batch_topk(pre)
+            elif self.topk:
                 f = self._topk(pre, self.keep[0])
             else:
                 f = torch.relu(pre)
-            x_hat = torch.baddbmm(p["b_dec"][:, None, :], f, p["W_dec"])
+            *inner, x_hat = self._reconstructions(f)
             aux = self._aux(x_NBD, x_hat, pre) if self.topk else None  # AuxK's matmul too
         mse = (x_NBD - x_hat).float().pow(2).sum(-1).mean(-1)
+        for x_hat_g in inner:  # Matryoshka's inner prefixes (MatryoshkaBatchTopKSAE): their errors join aux
+            assert aux is not None
+            aux = aux + (x_NBD - x_hat_g).float().pow(2).sum(-1).mean(-1)
         active = f > 0
         l0 = active.sum(-1).float().mean(-1)
         if aux is None:
@@ -230,6 +256,37 @@ class Stack:
         else:
             loss = mse + aux
         return loss, mse, l0, active.any(1), loss.sum()
+
+    def _reconstructions(self, f: Tensor) -> list[Tensor]:
+        """x_hat of every nested prefix, narrowest first (one, the full width, but for Matryoshka)."""
+        W_dec, b_dec = self.params["W_dec"], self.params["b_dec"][:, None, :]
+        out: list[Tensor] = []
+        start = 0
+        for end in self.prefix_widths:
+            f_g, W_g = f[..., start:end], W_dec[:, start:end]
+            out.append(out[-1] + torch.bmm(f_g, W_g) if out else torch.baddbmm(b_dec, f_g, W_g))
+            start = end
+        return out
+
+    def _batch_topk(self, pre: Tensor) -> Tensor:
+        """Each member's batch_size * k largest relu(pre) over its whole batch (dense), as BatchTopKSAE,
+        members differing in k; updates each one's running inference threshold as it does."""
+        N, B, H = pre.shape
+        n_keep = (self.k_per_member * B).clamp(max=B * H)  # [N, 1]
+        flat = pre.reshape(N, B * H)
+        vals, idx = flat.topk(int(n_keep.max()), dim=-1)  # sorted: a member's n largest are the first n
+        keep = torch.arange(vals.shape[-1], device=pre.device) < n_keep
+        kept = torch.relu(vals) * keep
+        with torch.no_grad():  # BatchTopKSAE._update_threshold, per member
+            positive = kept.detach().float()
+            inf = torch.full_like(positive, torch.inf)
+            smallest = torch.where(positive > 0, positive, inf).min(-1).values
+            smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
+            m = self.momentum
+            blended = m * self.threshold + (1 - m) * smallest
+            self.threshold.copy_(torch.where(self.threshold_initialised, blended, smallest))
+            self.threshold_initialised.fill_(True)
+        return torch.zeros_like(flat).scatter_(-1, idx, kept).view(N, B, H)
 
     @staticmethod
     def _topk(pre: Tensor, keep: Tensor) -> Tensor:

@@ -107,6 +107,28 @@ class Selection:
     kernels: str
 
 
+_orders = threading.local()  # per thread: the last (idx, crow, perm) of _latent_order
+
+
+def _latent_order(idx: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
+    """(row pointer over latents, the entries' permutation into latent order) of a stable sort of idx.
+
+    The W_dec and W_enc gradients sort the same entries (without AuxK's) one after the other, so the
+    last sort is kept, with a reference to its idx: while that reference lives no other tensor can
+    occupy its memory, so equal data pointer, shape and version mean the same entries."""
+    last = getattr(_orders, "last", None)
+    if last is not None:
+        seen, crow, perm = last
+        same_entries = seen.data_ptr() == idx.data_ptr() and seen.shape == idx.shape
+        if same_entries and seen._version == idx._version and crow.numel() == hidden + 1:
+            return crow, perm
+    latent, perm = idx.sort(stable=True)
+    crow = torch.zeros(hidden + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(torch.bincount(latent, minlength=hidden), 0, out=crow[1:])
+    _orders.last = (idx, crow, perm)
+    return crow, perm
+
+
 def transposed_product(
     idx: Tensor, rows: Tensor, w: Tensor, src: Tensor, hidden: int, kernels: str
 ) -> Tensor:
@@ -121,9 +143,7 @@ def transposed_product(
         from sae_sweep.models.kernels import triton_ops
 
         return triton_ops.segment_scatter(idx, rows, w, src, hidden)
-    latent, perm = idx.sort(stable=True)
-    crow = torch.zeros(hidden + 1, dtype=torch.int64, device=idx.device)
-    torch.cumsum(torch.bincount(latent, minlength=hidden), 0, out=crow[1:])
+    crow, perm = _latent_order(idx, hidden)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
         warnings.simplefilter("ignore", UserWarning)
         S_HB = torch.sparse_csr_tensor(
