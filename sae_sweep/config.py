@@ -258,7 +258,7 @@ def resolve_recipe(
     hidden, coef, base = cls.recipe(d_in, hidden_dim, l1_lambda, None)
     if lr is not None:
         return hidden, coef, lr
-    return hidden, coef, base if steps is None else budget_lr(base, cls.family, d_in, hidden, k, steps)
+    return hidden, coef, base if steps is None else budget_lr(base, arch, d_in, hidden, k, steps)
 
 
 def resolve_batch_size(cfg: Config | DictConfig, n_train_tokens: int | None = None) -> int | None:
@@ -276,7 +276,7 @@ def resolve_batch_size(cfg: Config | DictConfig, n_train_tokens: int | None = No
         budget = math.ceil(epochs * n_train_tokens)
     else:
         budget = None
-    return budget_batch_size(architecture(cfg.model.name).family, budget)
+    return budget_batch_size(cfg.model.name, budget)
 
 
 def run_name(override_dirname: str) -> str:

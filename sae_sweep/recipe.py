@@ -3,14 +3,16 @@
 `budget_lr`: the learning rate a run uses when `lr` is null. The architectures' own rules (Gao et
 al.'s 2e-4 / sqrt(hidden / 2^14) for the TopK family; 1e-3 x sqrt(128 / d_in) for relu and jumprelu)
 are long-budget rules: tens of thousands of optimizer steps. A run of a few hundred steps needs a
-larger lr to get anywhere, so below LONG_BUDGET_STEPS the rule is scaled up (see `budget_lr` for the
-rule and benchmarks/README.md, "Quality", for the measurements it comes from). `lr` set by the user
-is always used as given; `lr_scale` multiplies the recipe's value (what `-m lr_check` sweeps).
+larger lr to get anywhere, so below LONG_BUDGET_STEPS (TopK family) or RELU_LONG_BUDGET_STEPS (relu)
+the rule is scaled up (see `budget_lr` for the rule and benchmarks/README.md, "Quality", for the
+measurements it comes from). `lr` set by the user is always used as given; `lr_scale` multiplies
+the recipe's value (what `-m lr_check` sweeps).
 
 `budget_batch_size`: the batch size a run uses when `batch_size` is null. At a fixed token budget
-more, smaller steps trained better TopK SAEs at every lr measured, so the TopK family starts at
-DEFAULT_BATCH_SIZE and halves it while the budget allows fewer than MIN_BUDGET_STEPS steps, down to
-MIN_BUDGET_BATCH_SIZE; relu and jumprelu keep DEFAULT_BATCH_SIZE (not measured at short budgets).
+more, smaller steps trained better SAEs at every lr measured, so the batch starts at
+DEFAULT_BATCH_SIZE and halves while the budget allows fewer than MIN_BUDGET_STEPS steps (TopK family:
+400; relu: 800), down to MIN_BUDGET_BATCH_SIZE; jumprelu keeps DEFAULT_BATCH_SIZE (not measured at
+short budgets).
 
 `l1_lambda_note`: sae_sweep's relu loss is MSE summed over the input dimensions plus l1_lambda x L1
 (sum_i f_i ||W_dec,i||), both averaged over tokens. Code that averages the MSE over the dimensions
@@ -30,6 +32,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "L1_NEGLIGIBLE",
     "LONG_BUDGET_STEPS",
+    "batch_rule",
     "budget_batch_size",
     "budget_lr",
     "config_note",
@@ -46,44 +49,62 @@ L1_NEGLIGIBLE = 1e-2
 # it was measured (benchmarks/README.md, "Quality").
 LONG_BUDGET_STEPS = 80_000
 TOPK_LR_CAP = 1e-2
+# relu: 3x its rule up to ~1000 steps (the best grid lr on every ground-truth set of the quality suite,
+# and on the built-in data), back to the rule by RELU_LONG_BUDGET_STEPS.
+RELU_LONG_BUDGET_STEPS = 9_000
+RELU_SHORT_BUDGET_FACTOR = 3.0
 
 
-def budget_lr(base_lr: float, family: str, d_in: int, hidden: int, k: int | None, steps: int) -> float:
+def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, steps: int) -> float:
     """The recipe lr for a run of `steps` optimizer steps, from the architecture's long-budget `base_lr`.
 
     TopK family: base_lr x sqrt(LONG_BUDGET_STEPS / steps), at least base_lr and at most TOPK_LR_CAP.
     Gao et al.'s 2e-4 / sqrt(hidden / 2^14) is fitted on long runs; a run of a few hundred steps, as a
     sweep trial on a CPU gets, measured best at 1e-2 where that rule gives 8e-4 to 1.6e-3.
-    relu / jumprelu: base_lr unchanged (their rule, 1e-3 x sqrt(128 / d_in), is already a
-    short-budget one). d_in, hidden and k enter through base_lr (k: not measured to matter).
+    relu: base_lr x sqrt(RELU_LONG_BUDGET_STEPS / steps), between 1 and RELU_SHORT_BUDGET_FACTOR
+    times base_lr (1e-3 x sqrt(128 / d_in)): at 400-1000 steps 3e-3 beat 1e-3 at d_in 64 and 128.
+    jumprelu: base_lr unchanged (not measured at short budgets). d_in, hidden and k enter through
+    base_lr (k: not measured to matter).
     """
-    if family != "topk":  # the architecture class's family (sae_sweep.models)
-        return base_lr
-    factor = max(1.0, (LONG_BUDGET_STEPS / max(1, steps)) ** 0.5)
-    return max(base_lr, min(base_lr * factor, TOPK_LR_CAP))
+    if architecture(arch).family == "topk":
+        factor = max(1.0, (LONG_BUDGET_STEPS / max(1, steps)) ** 0.5)
+        return max(base_lr, min(base_lr * factor, TOPK_LR_CAP))
+    if arch == "relu":
+        factor = (RELU_LONG_BUDGET_STEPS / max(1, steps)) ** 0.5
+        return base_lr * min(max(1.0, factor), RELU_SHORT_BUDGET_FACTOR)
+    return base_lr
 
 
-# The recipe's batch size (tokens per optimizer step) and its short-budget rule for the TopK family:
-# e.g. 1M tokens trains at 2048 (489 steps) rather than 4096 (245), which measured 0.034 MCC better
-# (benchmarks/README.md, "Quality"); below MIN_BUDGET_BATCH_SIZE nothing was measured.
+# The recipe's batch size (tokens per optimizer step) and its short-budget rule: e.g. TopK at 1M tokens
+# trains at 2048 (489 steps) rather than 4096 (245), which measured 0.034 MCC better; relu wants more
+# steps (at 1M tokens 1024 beat 2048 by 0.027 MCC at the same lr) (benchmarks/README.md, "Quality").
+# Below MIN_BUDGET_BATCH_SIZE nothing was measured.
 DEFAULT_BATCH_SIZE = 4096
-MIN_BUDGET_STEPS = 400
+MIN_BUDGET_STEPS = {"topk": 400, "relu": 800}  # by batch_rule
 MIN_BUDGET_BATCH_SIZE = 1024
 
 
-def budget_batch_size(family: str, budget_tokens: int | None) -> int | None:
-    """The recipe batch_size for an architecture family and a budget in tokens (None: unknown yet).
+def batch_rule(arch: str) -> str:
+    """Which batch-size rule an architecture follows: "topk" (its family), "relu", or "fixed"."""
+    if architecture(arch).family == "topk":
+        return "topk"
+    return "relu" if arch == "relu" else "fixed"
 
-    TopK family: DEFAULT_BATCH_SIZE, halved while budget_tokens / batch < MIN_BUDGET_STEPS, at least
-    MIN_BUDGET_BATCH_SIZE; None when it depends on a budget not known yet (epochs before the data is
-    read). Other families: DEFAULT_BATCH_SIZE whatever the budget.
+
+def budget_batch_size(arch: str, budget_tokens: int | None) -> int | None:
+    """The recipe batch_size for an architecture and a budget in tokens (None: unknown yet).
+
+    TopK family and relu: DEFAULT_BATCH_SIZE, halved while budget_tokens / batch < MIN_BUDGET_STEPS
+    of its rule, at least MIN_BUDGET_BATCH_SIZE; None when it depends on a budget not known yet (epochs
+    before the data is read). jumprelu: DEFAULT_BATCH_SIZE whatever the budget.
     """
-    if family != "topk":
+    rule = batch_rule(arch)
+    if rule == "fixed":
         return DEFAULT_BATCH_SIZE
     if budget_tokens is None:
         return None
     batch = DEFAULT_BATCH_SIZE
-    while batch > MIN_BUDGET_BATCH_SIZE and budget_tokens / batch < MIN_BUDGET_STEPS:
+    while batch > MIN_BUDGET_BATCH_SIZE and budget_tokens / batch < MIN_BUDGET_STEPS[rule]:
         batch //= 2
     return batch
 
@@ -113,8 +134,9 @@ def _round(value: float) -> str:
 
 def config_note(cfg: Any) -> str | None:
     """l1_lambda_note for a composed config, before any data is read (d_in from the synthetic keys or
-    the first shard's header); None where it does not apply or d_in cannot be known yet. (The L1
-    architectures' recipe batch size does not depend on the budget.)"""
+    the first shard's header); None where it does not apply or d_in cannot be known yet. The batch
+    size is the run's (the recipe's for a token budget; DEFAULT_BATCH_SIZE where an epochs budget
+    leaves it open)."""
     if (
         architecture(cfg.model.name).sparsity_metric != "l1"
         or cfg.l1_lambda is None
@@ -129,6 +151,7 @@ def config_note(cfg: Any) -> str | None:
             d_in = open_shards(Path(cfg.data.path))[0].d_in
         except Exception:  # unreadable folders are reported by the run itself, with their file
             return None
-    family = architecture(cfg.model.name).family
-    batch_size = cfg.batch_size if cfg.batch_size is not None else budget_batch_size(family, None)
+    batch_size = cfg.batch_size
+    if batch_size is None:
+        batch_size = budget_batch_size(cfg.model.name, None if cfg.tokens is None else int(cfg.tokens))
     return l1_lambda_note(cfg.l1_lambda, int(d_in), int(batch_size or DEFAULT_BATCH_SIZE))

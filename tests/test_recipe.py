@@ -30,12 +30,18 @@ def test_fewer_steps_get_a_larger_lr_and_long_budgets_the_architectures_rule(arc
     assert resolve_recipe(arch, 256, 2048, None, 1e-5, steps=50, k=16)[2] == 1e-5  # the user's lr wins
 
 
-@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
-def test_penalty_architectures_keep_their_rule_at_every_budget(arch: str) -> None:
-    # The built-in default run (relu, ~1000 steps) must not move: it is the MCC >= 0.9 reference.
-    for steps in (50, 1000, 10**6):
-        rule = architecture(arch).default_lr(256, 2048)
-        assert resolve_recipe(arch, 256, 2048, None, None, steps=steps)[2] == rule
+def test_relu_lr_is_three_times_its_rule_at_short_budgets_and_the_rule_at_long_ones() -> None:
+    rule = architecture("relu").default_lr(256, 2048)
+    lrs = [resolve_recipe("relu", 256, 2048, None, None, steps=s)[2] for s in (50, 1000, 2000, 9000, 10**6)]
+    assert lrs[:2] == [pytest.approx(3 * rule)] * 2  # the built-in default run (977 steps) included
+    assert lrs[1] > lrs[2] > lrs[3] and lrs[3:] == [pytest.approx(rule)] * 2
+    assert resolve_recipe("relu", 256, 2048, None, 1e-4, steps=50)[2] == 1e-4  # the user's lr wins
+
+
+def test_jumprelu_keeps_its_rule_at_every_budget() -> None:
+    for steps in (50, 1000, 10**6):  # not measured at short budgets
+        rule = architecture("jumprelu").default_lr(256, 2048)
+        assert resolve_recipe("jumprelu", 256, 2048, None, None, steps=steps)[2] == rule
 
 
 def test_the_run_records_the_recipe_lr_for_its_steps_and_lr_scale(make_cfg) -> None:
@@ -50,13 +56,16 @@ def test_the_run_records_the_recipe_lr_for_its_steps_and_lr_scale(make_cfg) -> N
     assert train(given)["lr"] == 2e-3
 
 
-def test_topk_batch_size_halves_until_the_budget_allows_400_steps_relu_keeps_4096() -> None:
+def test_batch_size_halves_until_the_budget_allows_400_topk_or_800_relu_steps() -> None:
     topk = {t: recipe.budget_batch_size("topk", t) for t in (10**5, 400_000, 10**6, 1_638_400, 4 * 10**6)}
     # 1M tokens: 2048 (489 steps), where 4096 would give 245; never below 1024, however short
     assert topk == {10**5: 1024, 400_000: 1024, 10**6: 2048, 1_638_400: 4096, 4 * 10**6: 4096}
     assert recipe.budget_batch_size("topk", None) is None  # an epochs budget before the data is read
-    for family in ("relu", "jumprelu"):
-        assert {recipe.budget_batch_size(family, t) for t in (10**5, 10**6, None)} == {4096}
+    relu = {t: recipe.budget_batch_size("relu", t) for t in (400_000, 10**6, 1_638_400, 4 * 10**6)}
+    # 1M tokens: 1024 (977 steps); the built-in default run (4M tokens) keeps 4096 (977 steps)
+    assert relu == {400_000: 1024, 10**6: 1024, 1_638_400: 2048, 4 * 10**6: 4096}
+    assert recipe.budget_batch_size("batchtopk", 10**6) == 2048  # the TopK family's rule
+    assert {recipe.budget_batch_size("jumprelu", t) for t in (10**5, 10**6, None)} == {4096}
 
 
 def test_a_null_batch_size_trains_at_the_recipe_value_and_a_given_one_wins(make_cfg) -> None:
@@ -69,7 +78,8 @@ def test_a_null_batch_size_trains_at_the_recipe_value_and_a_given_one_wins(make_
     given = make_cfg("topk", k=3, tokens=40_960, batch_size=2048, out_dir=cfg.out_dir + "-given")
     assert (train(given)["batch_size"], resolve_batch_size(given)) == (2048, 2048)
     relu = make_cfg("relu", tokens=40_960, batch_size=None, out_dir=cfg.out_dir + "-relu")
-    assert train(relu)["batch_size"] == 4096
+    assert train(relu)["batch_size"] == 1024  # relu's own rule (800 steps), here 40
+    assert resolve_batch_size(make_cfg("jumprelu", tokens=40_960, batch_size=None)) == 4096
 
 
 def test_an_epochs_budget_resolves_the_batch_size_from_the_train_split(make_cfg) -> None:
@@ -87,7 +97,7 @@ def test_runs_share_batches_only_when_their_batch_sizes_resolve_alike(make_cfg) 
     )
     given_2048.batch_size = 2048
     assert stream_key(null_1m) == stream_key(given_2048)  # both train on batches of 2048
-    assert stream_key(make_cfg("relu", tokens=10**6, batch_size=None)) != stream_key(null_1m)  # 4096
+    assert stream_key(make_cfg("relu", tokens=10**6, batch_size=None)) != stream_key(null_1m)  # 1024
     epochs = [
         make_cfg(arch, k=k, tokens=None, epochs=2, batch_size=None)
         for arch, k in (("topk", 3), ("batchtopk", 3), ("relu", None))

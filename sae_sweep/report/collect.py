@@ -20,7 +20,6 @@ from sae_sweep import rundir
 from sae_sweep.config import resolve_recipe
 from sae_sweep.metrics import COLLAPSED_FVU, RUN_FACTS, every_run_has, running_columns
 from sae_sweep.metrics import METRICS as ALL_METRICS
-from sae_sweep.models.registry import architecture
 from sae_sweep.progress import progress_bar
 from sae_sweep.recipe import budget_batch_size
 from sae_sweep.report.pareto import pareto_mask
@@ -149,8 +148,7 @@ def _resolve_defaults(row: dict[str, Any]) -> None:
         row["l1_lambda"] = l1_lambda
     if row.get("batch_size") is None:  # the recipe's when the budget decides it from the config alone
         budget = row.get("tokens_budget")
-        family = architecture(arch).family
-        row["batch_size"] = budget_batch_size(family, None if budget is None else int(budget))
+        row["batch_size"] = budget_batch_size(arch, None if budget is None else int(budget))
 
 
 def read_run_dir(run_dir: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from sae_sweep.config import Config, resolve_batch_size
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
 from sae_sweep.errors import Released, RunStopped
-from sae_sweep.models.registry import architecture
 from sae_sweep.progress import progress_bar
+from sae_sweep.recipe import batch_rule
 from sae_sweep.rundir import Metrics
 from sae_sweep.train.stack import Stack, stack_groups
 
@@ -62,12 +62,12 @@ def stream_key(cfg: Config | DictConfig) -> str:
 
     A null batch_size is the recipe's (resolve_batch_size), known from the config alone for a token
     budget; for an epochs budget it depends on the data's size, so the key holds what decides it (the
-    family and the epochs: equal keys still mean equal batch sizes)."""
+    architecture's batch rule and the epochs: equal keys still mean equal batch sizes)."""
     cfg = as_dictconfig(cfg)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     batch: Any = resolve_batch_size(cfg)
     if batch is None:
-        batch = ["recipe", architecture(cfg.model.name).family, cfg.epochs]
+        batch = ["recipe", batch_rule(cfg.model.name), cfg.epochs]
     return json.dumps([data, batch, str(resolve_device(cfg.device))], sort_keys=True)
 
 
