@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from sae_sweep.config import register_configs
 from sae_sweep.errors import RunStopped, SaeSweepError
+from sae_sweep.rundir import shown_path
 
 log = logging.getLogger("sae_sweep")
 
@@ -45,7 +46,7 @@ def main(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    print(f"run directory: {cfg.out_dir}")
+    print(f"run directory: {shown_path(cfg.out_dir)}")
     print(summary_line(metrics))
 
 

@@ -274,3 +274,11 @@ def check_same_run(run_dir: Path, cfg_dict: dict[str, Any]) -> None:
             f"a directory without a different run in it: it holds a run whose {diff} — use another run "
             "directory, or delete that one to start over",
         )
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -45,7 +45,9 @@ def test_compose_config_and_train_give_the_cli_run(tmp_path, data_root, monkeypa
         timeout=600,
     )
     assert res.returncode == 0, res.stderr
-    cli_dir = Path(res.stdout.split("run directory: ")[1].splitlines()[0])
+    shown = res.stdout.split("run directory: ")[1].splitlines()[0]
+    assert not Path(shown).is_absolute()  # printed as typed: relative to the working directory
+    cli_dir = tmp_path / shown
 
     monkeypatch.chdir(tmp_path)
     cfg = sae_sweep.compose_config(overrides)

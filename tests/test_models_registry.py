@@ -142,7 +142,7 @@ def test_an_entry_point_architecture_trains_from_the_command_line(tmp_path, data
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    assert f"run directory: {run}" in res.stdout
+    assert "run directory: run\n" in res.stdout  # relative to the working directory (tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["architecture"] == "shifted_relu" and metrics["status"] == "completed"
     assert metrics["l1_lambda"] == 2.0  # the class's default coefficient

@@ -26,6 +26,7 @@ from optuna.study import StudyDirection
 
 from sae_sweep.compose import Composer
 from sae_sweep.errors import ConfigError, SaeSweepError
+from sae_sweep.rundir import shown_path
 from sae_sweep.sweep import saved, trialdirs
 from sae_sweep.sweep.plan import SweepPlan, check_sweep_dir, difference, make_plan, make_sampler
 from sae_sweep.sweep.queue import (
@@ -257,25 +258,17 @@ def _show_read_only(plan: SweepPlan) -> int:
     _print_summary(
         plan,
         sweep_frame(plan.sweep_dir, plan.study_name, plan.store.url),
-        f"not written ({_shown(plan.sweep_dir)} is read-only)",
+        f"not written ({shown_path(plan.sweep_dir)} is read-only)",
     )
     return 0
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working directory when inside it."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _print_summary(plan: SweepPlan, frame: Any, report: Path | str) -> None:
     """The table, the counts, the sweep directory and the report (a path, or why there is none)."""
     print(format_table(frame, [o.metric for o in plan.objectives]))
     print(f"{counts(frame)}; * = Pareto front of {', '.join(str(o) for o in plan.objectives)}")
-    print(f"sweep directory: {_shown(plan.sweep_dir)}")
-    print(f"report: {_shown(report) if isinstance(report, Path) else report}")
+    print(f"sweep directory: {shown_path(plan.sweep_dir)}")
+    print(f"report: {shown_path(report) if isinstance(report, Path) else report}")
 
 
 def _error_line(err: BaseException, plan: SweepPlan | None) -> str:
