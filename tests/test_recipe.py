@@ -30,11 +30,13 @@ def test_fewer_steps_get_a_larger_lr_and_long_budgets_the_architectures_rule(arc
     assert resolve_recipe(arch, 256, 2048, None, 1e-5, steps=50, k=16)[2] == 1e-5  # the user's lr wins
 
 
-def test_relu_lr_is_three_times_its_rule_at_short_budgets_and_the_rule_at_long_ones() -> None:
-    rule = architecture("relu").default_lr(256, 2048)
-    lrs = [resolve_recipe("relu", 256, 2048, None, None, steps=s)[2] for s in (50, 1000, 2000, 9000, 10**6)]
-    assert lrs[:2] == [pytest.approx(3 * rule)] * 2  # the built-in default run (977 steps) included
-    assert lrs[1] > lrs[2] > lrs[3] and lrs[3:] == [pytest.approx(rule)] * 2
+def test_relu_lr_scales_with_the_budget_up_to_3e_3() -> None:
+    for d_in in (64, 256, 3072):
+        rule = architecture("relu").default_lr(d_in, 8 * d_in)
+        lrs = [resolve_recipe("relu", d_in, 8 * d_in, None, None, steps=s)[2] for s in (50, 1000, 10**6)]
+        assert lrs[0] == pytest.approx(min(rule * 40, recipe.RELU_LR_CAP))
+        assert lrs[0] >= lrs[1] >= lrs[2] == pytest.approx(rule)
+    assert resolve_recipe("relu", 128, 1024, None, None, steps=977)[2] == recipe.RELU_LR_CAP  # default run
     assert resolve_recipe("relu", 256, 2048, None, 1e-4, steps=50)[2] == 1e-4  # the user's lr wins
 
 
