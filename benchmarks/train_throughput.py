@@ -15,12 +15,16 @@ tokens/s, measured in the same process, and each sparse step's fraction of it. B
 same mean L0 (k per token on average); a "batchtopk_over_topk" line gives its step time over TopK's.
 With --loop-steps N, the TopK family also trains N steps through the real training loop (data from
 shards in a temporary folder, scaling, dead-latent bookkeeping, logging), reported as in-loop
-tokens/s (the run's own train_seconds) and its fraction of the bound.
+tokens/s (the run's own train_seconds) and its fraction of the bound, both over the whole run and
+in the steady state after the first logged interval (curves.csv, a row every 2 steps): the first
+step's one-off costs (buffers and Adam state allocated and faulted in) weigh on a run of a dozen
+steps, not on one of thousands.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import tempfile
@@ -55,12 +59,15 @@ def bound_time(batch: int, d_in: int, hidden: int, k: int, repeats: int = 3) -> 
     return (time.perf_counter() - start) / repeats
 
 
-def in_loop_tokens_s(arch: str, batch: int, d_in: int, hidden: int, k: int, steps: int, root: Path) -> float:
-    """Tokens/s of `steps` steps through the training loop (the run's train_seconds), on random shards."""
+def in_loop_tokens_s(
+    arch: str, batch: int, d_in: int, hidden: int, k: int, steps: int, root: Path
+) -> tuple[float, float]:
+    """Tokens/s of `steps` steps through the training loop (the run's train_seconds), on random shards:
+    over the whole run, and from the first logged row (2 steps) to the last (nan for under 4 steps)."""
     from benchmarks.sweep_packing import write_shards
     from sae_sweep import compose_config
     from sae_sweep.errors import TrainingCollapsed
-    from sae_sweep.rundir import read_metrics
+    from sae_sweep.rundir import CURVES, read_metrics
     from sae_sweep.train.trainer import train
 
     data = root / f"shards_{d_in}"
@@ -78,6 +85,7 @@ def in_loop_tokens_s(arch: str, batch: int, d_in: int, hidden: int, k: int, step
             "data=shards",
             f"data.path={data}",
             "train.progress=false",
+            f"train.log_every_tokens={2 * batch}",
         ],
         out_dir=root / f"run_{arch}_{hidden}",
     )
@@ -85,7 +93,12 @@ def in_loop_tokens_s(arch: str, batch: int, d_in: int, hidden: int, k: int, step
         metrics = train(cfg)
     except TrainingCollapsed:  # a few steps on random data may explain nothing; the speed still counts
         metrics = read_metrics(cfg.out_dir) or {}
-    return float(metrics.get("tokens_per_s", float("nan")))
+    rows = list(csv.DictReader((Path(cfg.out_dir) / CURVES).open()))
+    seconds = [float(r["tokens"]) / float(r["tokens_per_s"]) for r in rows]
+    steady = float("nan")
+    if len(rows) >= 2:
+        steady = (float(rows[-1]["tokens"]) - float(rows[0]["tokens"])) / (seconds[-1] - seconds[0])
+    return float(metrics.get("tokens_per_s", float("nan"))), steady
 
 
 def step_time(arch: str, sparse: bool, batch: int, d_in: int, hidden: int, k: int, steps: int) -> float:
@@ -183,7 +196,9 @@ def measure(args: argparse.Namespace, hidden: int, machine: dict, root: Path) ->
         )
     if args.loop_steps > 0 and bound is not None:
         for arch in (a for a in args.arch if a in TOPK_FAMILY):
-            tokens_s = in_loop_tokens_s(arch, args.batch, args.d_in, hidden, args.k, args.loop_steps, root)
+            tokens_s, steady = in_loop_tokens_s(
+                arch, args.batch, args.d_in, hidden, args.k, args.loop_steps, root
+            )
             row = {"bench": "in_loop", "arch": arch, "d_in": args.d_in, "hidden": hidden, "batch": args.batch}
             print(
                 json.dumps(
@@ -192,6 +207,8 @@ def measure(args: argparse.Namespace, hidden: int, machine: dict, root: Path) ->
                         "steps": args.loop_steps,
                         "tokens_per_s": round(tokens_s),
                         "fraction_of_bound": round(tokens_s / bound, 3),
+                        "steady_tokens_per_s": round(steady) if steady == steady else None,
+                        "steady_fraction_of_bound": round(steady / bound, 3) if steady == steady else None,
                     }
                 ),
                 flush=True,
