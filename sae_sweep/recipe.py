@@ -10,7 +10,8 @@ the recipe's value (what `-m lr_check` sweeps).
 
 `budget_batch_size`: the batch size a run uses when `batch_size` is null. At a fixed token budget
 more, smaller steps trained better SAEs at every lr measured, so the batch starts at
-DEFAULT_BATCH_SIZE and halves while the budget allows fewer than MIN_BUDGET_STEPS steps (TopK family:
+DEFAULT_BATCH_SIZE and halves while the budget allows fewer than the architecture's `budget_min_steps`
+steps (TopK family:
 400; relu: 800), down to MIN_BUDGET_BATCH_SIZE; jumprelu keeps DEFAULT_BATCH_SIZE (not measured at
 short budgets).
 
@@ -32,7 +33,6 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "L1_NEGLIGIBLE",
     "LONG_BUDGET_STEPS",
-    "batch_rule",
     "budget_batch_size",
     "budget_lr",
     "config_note",
@@ -44,28 +44,24 @@ __all__ = [
 # l1_lambda 1e-3 trains to the same L0 and FVU as 0 on the built-in data (benchmarks/README.md).
 L1_NEGLIGIBLE = 1e-2
 
-# Steps at and beyond which the TopK family's long-budget lr rule applies unchanged (Gao et al.'s runs
-# are of this order), and the most the short-budget scaling gives: 3e-2 was worse than 1e-2 everywhere
-# it was measured (benchmarks/README.md, "Quality").
+# Steps at and beyond which an architecture's long-budget lr rule applies unchanged (Gao et al.'s runs
+# are of this order); below, the rule is scaled up to the architecture's budget_lr_cap.
 LONG_BUDGET_STEPS = 80_000
-TOPK_LR_CAP = 1e-2
-# relu: the same scaling, at most 3e-3: the best grid lr at 400-1000 steps on every ground-truth set of
-# the quality suite (d_in 64-256) and on the built-in data, where 1e-2 was worse but at d_in 64.
-RELU_LR_CAP = 3e-3
 
 
 def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, steps: int) -> float:
     """The recipe lr for a run of `steps` optimizer steps, from the architecture's long-budget `base_lr`.
 
-    TopK family: base_lr x sqrt(LONG_BUDGET_STEPS / steps), at least base_lr and at most TOPK_LR_CAP.
+    TopK family: base_lr x sqrt(LONG_BUDGET_STEPS / steps), at least base_lr and at most its
+    `budget_lr_cap` (1e-2).
     Gao et al.'s 2e-4 / sqrt(hidden / 2^14) is fitted on long runs; a run of a few hundred steps, as a
     sweep trial on a CPU gets, measured best at 1e-2 where that rule gives 8e-4 to 1.6e-3.
-    relu: the same, at most RELU_LR_CAP: its rule 1e-3 x sqrt(128 / d_in) measured 0.04-0.25 MCC
+    relu: the same, at most its budget_lr_cap, 3e-3: its rule 1e-3 x sqrt(128 / d_in) measured 0.04-0.25 MCC
     behind 3e-3 at 400-1000 steps, at d_in 64 to 256 alike (so the cap, not the scaled rule, sets
     the lr there). jumprelu: base_lr unchanged (not measured at short budgets). d_in, hidden and k
     enter through base_lr (k: not measured to matter).
     """
-    cap = TOPK_LR_CAP if architecture(arch).family == "topk" else RELU_LR_CAP if arch == "relu" else None
+    cap = architecture(arch).budget_lr_cap
     if cap is None:
         return base_lr
     factor = max(1.0, (LONG_BUDGET_STEPS / max(1, steps)) ** 0.5)
@@ -77,31 +73,23 @@ def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, 
 # steps (at 1M tokens 1024 beat 2048 by 0.027 MCC at the same lr) (benchmarks/README.md, "Quality").
 # Below MIN_BUDGET_BATCH_SIZE nothing was measured.
 DEFAULT_BATCH_SIZE = 4096
-MIN_BUDGET_STEPS = {"topk": 400, "relu": 800}  # by batch_rule
 MIN_BUDGET_BATCH_SIZE = 1024
-
-
-def batch_rule(arch: str) -> str:
-    """Which batch-size rule an architecture follows: "topk" (its family), "relu", or "fixed"."""
-    if architecture(arch).family == "topk":
-        return "topk"
-    return "relu" if arch == "relu" else "fixed"
 
 
 def budget_batch_size(arch: str, budget_tokens: int | None) -> int | None:
     """The recipe batch_size for an architecture and a budget in tokens (None: unknown yet).
 
-    TopK family and relu: DEFAULT_BATCH_SIZE, halved while budget_tokens / batch < MIN_BUDGET_STEPS
-    of its rule, at least MIN_BUDGET_BATCH_SIZE; None when it depends on a budget not known yet (epochs
-    before the data is read). jumprelu: DEFAULT_BATCH_SIZE whatever the budget.
+    TopK family and relu: DEFAULT_BATCH_SIZE, halved while budget_tokens / batch < the architecture's
+    budget_min_steps (400; 800), at least MIN_BUDGET_BATCH_SIZE; None when it depends on a budget not
+    known yet (epochs before the data is read). jumprelu: DEFAULT_BATCH_SIZE whatever the budget.
     """
-    rule = batch_rule(arch)
-    if rule == "fixed":
+    min_steps = architecture(arch).budget_min_steps
+    if min_steps is None:
         return DEFAULT_BATCH_SIZE
     if budget_tokens is None:
         return None
     batch = DEFAULT_BATCH_SIZE
-    while batch > MIN_BUDGET_BATCH_SIZE and budget_tokens / batch < MIN_BUDGET_STEPS[rule]:
+    while batch > MIN_BUDGET_BATCH_SIZE and budget_tokens / batch < min_steps:
         batch //= 2
     return batch
 

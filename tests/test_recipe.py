@@ -24,19 +24,23 @@ def test_fewer_steps_get_a_larger_lr_and_long_budgets_the_architectures_rule(arc
     base = architecture(arch).default_lr(256, 2048)
     lrs = [resolve_recipe(arch, 256, 2048, None, None, steps=s, k=16)[2] for s in (1000, 4000, 16000)]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(2 * lrs[1]) and lrs[-1] > base
-    assert max(lrs) <= recipe.TOPK_LR_CAP
+    assert max(lrs) <= 1e-2  # the TopK family's budget_lr_cap
     assert resolve_recipe(arch, 256, 2048, None, None, steps=10**7, k=16)[2] == pytest.approx(base)
     assert resolve_recipe(arch, 256, 2048, None, None, k=16)[2] == base  # no steps known: long-budget rule
     assert resolve_recipe(arch, 256, 2048, None, 1e-5, steps=50, k=16)[2] == 1e-5  # the user's lr wins
 
 
+RELU_CAP = 3e-3  # relu's budget_lr_cap
+
+
 def test_relu_lr_scales_with_the_budget_up_to_3e_3() -> None:
+    assert architecture("relu").budget_lr_cap == RELU_CAP
     for d_in in (64, 256, 3072):
         rule = architecture("relu").default_lr(d_in, 8 * d_in)
         lrs = [resolve_recipe("relu", d_in, 8 * d_in, None, None, steps=s)[2] for s in (50, 1000, 10**6)]
-        assert lrs[0] == pytest.approx(min(rule * 40, recipe.RELU_LR_CAP))
+        assert lrs[0] == pytest.approx(min(rule * 40, RELU_CAP))
         assert lrs[0] >= lrs[1] >= lrs[2] == pytest.approx(rule)
-    assert resolve_recipe("relu", 128, 1024, None, None, steps=977)[2] == recipe.RELU_LR_CAP  # default run
+    assert resolve_recipe("relu", 128, 1024, None, None, steps=977)[2] == RELU_CAP  # the default run
     assert resolve_recipe("relu", 256, 2048, None, 1e-4, steps=50)[2] == 1e-4  # the user's lr wins
 
 

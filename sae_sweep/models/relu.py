@@ -26,6 +26,9 @@ class ReluSAE(SAE):
     architecture = "relu"
     config_class = ReluConfig
     family = "penalty"
+    # 3e-3 and 1024 at 400-1000 steps: the grid's best on every ground-truth set (d_in 64-256)
+    budget_lr_cap = 3e-3
+    budget_min_steps = 800
     sparsity_metric = "l1"
     penalty = "loss adds l1_lambda * mean_t sum_i f_i ||W_dec,i|| (L1 weighted by decoder norms)"
     default_coef = 5.0

@@ -31,8 +31,8 @@ from sae_sweep.config import Config, resolve_batch_size
 from sae_sweep.data import open_dataset
 from sae_sweep.data.device_feed import DeviceFeed
 from sae_sweep.errors import Released, RunStopped
+from sae_sweep.models.registry import architecture
 from sae_sweep.progress import progress_bar
-from sae_sweep.recipe import batch_rule
 from sae_sweep.rundir import Metrics
 from sae_sweep.train.stack import Stack, stack_groups
 
@@ -67,7 +67,7 @@ def stream_key(cfg: Config | DictConfig) -> str:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     batch: Any = resolve_batch_size(cfg)
     if batch is None:
-        batch = ["recipe", batch_rule(cfg.model.name), cfg.epochs]
+        batch = ["recipe", architecture(cfg.model.name).budget_min_steps, cfg.epochs]
     return json.dumps([data, batch, str(resolve_device(cfg.device))], sort_keys=True)
 
 
