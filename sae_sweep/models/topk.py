@@ -200,6 +200,7 @@ class TopKSAE(SAE):
         residual_BD = (x_BD - x_hat_BD).detach()
         return self._aux_scale() * mse_per_token(residual_BD, f_aux_BH @ self.W_dec)
 
+    @torch.no_grad()  # with grad on, the product with W_dec gave the gradient a graph kept each step
     def before_optimizer_step(self) -> None:
         # Remove the gradient component parallel to each (unit) decoder row: it would only change the norm.
         g = self.W_dec.grad

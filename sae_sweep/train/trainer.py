@@ -222,7 +222,8 @@ class Trainer:
         loss = out.mse + coef * out.sparsity + out.aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.sae.before_optimizer_step()
+        with torch.no_grad():  # an architecture's hook must not build a graph on the gradients
+            self.sae.before_optimizer_step()
         if o.grad_clip > 0:
             clip_gradients(self.sae.parameters(), o.grad_clip)
         self.optimizer.step()
