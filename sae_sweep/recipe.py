@@ -5,15 +5,14 @@ al.'s 2e-4 / sqrt(hidden / 2^14) for the TopK family; 1e-3 x sqrt(128 / d_in) fo
 are long-budget rules: tens of thousands of optimizer steps. A run of a few hundred steps needs a
 larger lr to get anywhere, so below LONG_BUDGET_STEPS (TopK family and relu) the rule is scaled up
 (see `budget_lr` for the rule and benchmarks/README.md, "Quality", for the measurements it comes
-from). `lr` set by the user is always used as given; `lr_scale` multiplies
-the recipe's value (what `-m lr_check` sweeps).
+from). `lr` set by the user is always used as given; `lr_scale` multiplies the recipe's value (what
+`-m lr_check` sweeps).
 
 `budget_batch_size`: the batch size a run uses when `batch_size` is null. At a fixed token budget
 more, smaller steps trained better SAEs at every lr measured, so the batch starts at
-DEFAULT_BATCH_SIZE and halves while the budget allows fewer than the architecture's `budget_min_steps`
-steps (TopK family:
-400; relu: 800), down to MIN_BUDGET_BATCH_SIZE; jumprelu keeps DEFAULT_BATCH_SIZE (not measured at
-short budgets).
+DEFAULT_BATCH_SIZE and halves while the budget allows fewer than the architecture's
+`budget_min_steps` steps (TopK family: 400; relu: 800), down to MIN_BUDGET_BATCH_SIZE; jumprelu
+keeps DEFAULT_BATCH_SIZE (not measured at short budgets).
 
 `l1_lambda_note`: sae_sweep's relu loss is MSE summed over the input dimensions plus l1_lambda x L1
 (sum_i f_i ||W_dec,i||), both averaged over tokens. Code that averages the MSE over the dimensions
