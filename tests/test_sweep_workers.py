@@ -166,7 +166,7 @@ def test_two_copies_of_a_command_split_the_grid(small_data, tmp_path):
 
 
 def wait_for_pack(storage: str, study_name: str | None, proc, n: int, timeout: float = 180) -> None:
-    """Until command `proc` holds `n` RUNNING trials (it claimed its pack before anyone else joined)."""
+    """Until command `proc` holds `n` RUNNING trials (it has claimed its first pack)."""
     deadline = time.time() + timeout
     study = None  # loaded once: each load opens a connection pool (PostgreSQL has max_connections)
     while time.time() < deadline:
@@ -181,18 +181,24 @@ def wait_for_pack(storage: str, study_name: str | None, proc, n: int, timeout: f
         except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet
             pass
         time.sleep(0.1)
-    raise AssertionError(f"the first command did not claim a pack of {n} in {timeout} s")
+    raise AssertionError(f"command {proc.pid} did not claim a pack of {n} in {timeout} s")
 
 
 def start_late_joiners(cmd: list[str], cwd: Path, storage: str, study_name: str | None, n: int) -> list:
-    """A command alone claims an auto pack of 8 of the 12 points; only then do `n - 1` copies start."""
-    first = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_pack(storage, study_name, first, 8)
-    late = [
-        subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(n - 1)
-    ]
-    return [first, *late]
+    """A command alone claims an auto pack of 8 of the 12 points; only then does a copy start, and each
+    further copy once the one before it holds its first pack (at least 4 of the 12), so every joiner
+    finds the earlier workers training: the last one's share has to be released by all of them."""
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [start()]
+    wait_for_pack(storage, study_name, procs[0], 8)
+    for _ in range(n - 1):
+        if len(procs) > 1:
+            wait_for_pack(storage, study_name, procs[-1], 4)
+        procs.append(start())
+    return procs
 
 
 def check_late_joiners_got_their_share(procs, storage: str, study_name: str | None, at_least: int) -> None:
@@ -406,8 +412,8 @@ def test_three_commands_at_once_on_postgresql_fill_the_queue_once(small_data, tm
 def test_copies_started_after_the_first_claimed_its_pack_share_it_on_postgresql(
     small_data, tmp_path, postgres_url
 ):
-    """The same on the PostgreSQL server, with three commands: two start once the first holds its pack
-    of 8; each trains at least 3 of the 12 points."""
+    """The same on the PostgreSQL server, with three commands: the second starts once the first holds
+    its pack of 8, the third once the second holds its share; each trains at least 3 of the 12 points."""
     sweep = tmp_path / "sweep"
     seeds = ",".join(str(i) for i in range(12))
     cmd = command(
