@@ -241,3 +241,34 @@ def test_the_decoder_gradient_projection_leaves_no_autograd_history(name):
     assert grad is not None and grad.grad_fn is None and not grad.requires_grad
     radial = (grad * sae.W_dec.detach()).sum(-1)  # the part along each unit row is gone
     assert torch.allclose(radial, torch.zeros_like(radial), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 24), (3, 64, 24)])
+def test_mse_per_token_is_autograds_chain_bit_for_bit(shape):
+    """The fused squared error (one value per leading index for stacked [N, B, D] inputs) gives the
+    loss and both gradients of (x - x_hat).pow(2).sum(-1).mean(-1) exactly."""
+    from sae_sweep.models.base import mse_per_token
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).requires_grad_()
+    x_hat = torch.randn(*shape, generator=g).requires_grad_()
+    weights = torch.rand(shape[:-2], generator=g)
+    fused = mse_per_token(x, x_hat)
+    grads = torch.autograd.grad((fused * weights).sum(), (x, x_hat))
+    chain = (x - x_hat).pow(2).sum(-1).mean(-1)
+    chain_grads = torch.autograd.grad((chain * weights).sum(), (x, x_hat))
+    assert fused.shape == chain.shape and torch.equal(fused, chain)
+    assert all(torch.equal(a, b) for a, b in zip(grads, chain_grads, strict=True))
+
+
+def test_removing_the_radial_part_leaves_each_rows_gradient_orthogonal_to_it():
+    from sae_sweep.models.topk import remove_radial_part
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(2, 32, 16, generator=g)
+    W = W / W.norm(dim=-1, keepdim=True)
+    grad = torch.randn(2, 32, 16, generator=g)
+    expected = grad - (grad * W).sum(-1, keepdim=True) * W
+    remove_radial_part(grad, W)
+    torch.testing.assert_close(grad, expected)
+    assert (grad * W).sum(-1).abs().max() < 1e-5

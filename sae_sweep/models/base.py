@@ -69,9 +69,34 @@ def dense_output(x_BD: Tensor, x_hat_BD: Tensor, f_BH: Tensor, sparsity: Tensor,
     )
 
 
+class _SquaredError(torch.autograd.Function):
+    """||x - x_hat||^2 over the last dim, averaged over the one before, in fp32. Three passes over the
+    [B, D] tensors (the difference, its squared norms, the gradient) where autograd's chain of sub,
+    pow, sum and mean makes eight: on CPU each pass is memory-bound, a few ms at batch 4096 x d_in 768.
+    The values and gradients are the same, bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, x_hat: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            diff = (x_hat - x).float()
+            ctx.save_for_backward(diff)
+            ctx.dtypes = (x.dtype, x_hat.dtype)
+            return torch.linalg.vecdot(diff, diff).mean(-1)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:  # pyright: ignore[reportIncompatibleMethodOverride]
+        (diff,) = ctx.saved_tensors
+        # mean's 1/B, then pow's 2 (exact): the same rounding as autograd's chain
+        grad_hat = diff * (g / diff.shape[-2] * 2)[..., None, None]
+        x_dtype, x_hat_dtype = ctx.dtypes
+        grad_x = (-grad_hat).to(x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_hat.to(x_hat_dtype) if ctx.needs_input_grad[1] else None
+
+
 def mse_per_token(x: Tensor, x_hat: Tensor) -> Tensor:
-    """||x - x_hat||^2 summed over dims, averaged over tokens (the `mse` of metrics.json)."""
-    return (x - x_hat).float().pow(2).sum(-1).mean()
+    """||x - x_hat||^2 summed over dims, averaged over tokens (the `mse` of metrics.json); for [..., B, D]
+    inputs, one value per leading index."""
+    return _SquaredError.apply(x, x_hat)
 
 
 class SAE(nn.Module):

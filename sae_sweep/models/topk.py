@@ -51,6 +51,13 @@ def topk_relu(pre_BH: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre_BH).scatter_(-1, indices, torch.relu(values))
 
 
+def remove_radial_part(grad_HD: Tensor, W_HD: Tensor) -> None:
+    """In place: take from each unit row's gradient its component along the row (it would change only
+    the norm, which is renormalised to 1 after the step). [..., H, D]; two passes, a dot product per
+    row and a fused multiply-subtract."""
+    grad_HD.addcmul_(W_HD, torch.linalg.vecdot(grad_HD, W_HD).unsqueeze(-1), value=-1)
+
+
 class TopKSAE(SAE):
     architecture = "topk"
     config_class = TopKConfig
@@ -203,9 +210,8 @@ class TopKSAE(SAE):
     @torch.no_grad()  # with grad on, the product with W_dec gave the gradient a graph kept each step
     def before_optimizer_step(self) -> None:
         # Remove the gradient component parallel to each (unit) decoder row: it would only change the norm.
-        g = self.W_dec.grad
-        if g is not None:
-            g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
+        if self.W_dec.grad is not None:
+            remove_radial_part(self.W_dec.grad, self.W_dec)
 
     def after_optimizer_step(self, fired_H: Tensor, n_tokens: int) -> None:
         with torch.no_grad():

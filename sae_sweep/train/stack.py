@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from sae_sweep.models.base import mse_per_token
 from sae_sweep.models.batchtopk import BatchTopKSAE
 from sae_sweep.models.matryoshka import MatryoshkaBatchTopKSAE
 from sae_sweep.models.relu import ReluSAE
-from sae_sweep.models.topk import TopKSAE
+from sae_sweep.models.topk import TopKSAE, remove_radial_part
 from sae_sweep.train.schedule import lr_multiplier, sparsity_coefficient
 
 if TYPE_CHECKING:
@@ -244,10 +245,10 @@ class Stack:
                 f = torch.relu(pre)
             *inner, x_hat = self._reconstructions(f)
             aux = self._aux(x_NBD, x_hat, pre) if self.topk else None  # AuxK's matmul too
-        mse = (x_NBD - x_hat).float().pow(2).sum(-1).mean(-1)
+        mse = mse_per_token(x_NBD, x_hat)
         for x_hat_g in inner:  # Matryoshka's inner prefixes (MatryoshkaBatchTopKSAE): their errors join aux
             assert aux is not None
-            aux = aux + (x_NBD - x_hat_g).float().pow(2).sum(-1).mean(-1)
+            aux = aux + mse_per_token(x_NBD, x_hat_g)
         active = f > 0
         l0 = active.sum(-1).float().mean(-1)
         if aux is None:
@@ -301,7 +302,7 @@ class Stack:
         masked = torch.where(dead[:, None, :], pre, torch.full_like(pre, -torch.inf))
         f_aux = self._topk(masked, self.keep[1]).nan_to_num(0.0)
         residual = (x - x_hat).detach()
-        aux_mse = (residual - torch.bmm(f_aux, self.params["W_dec"])).float().pow(2).sum(-1).mean(-1)
+        aux_mse = mse_per_token(residual, torch.bmm(f_aux, self.params["W_dec"]))
         scale = self.aux_coef * (dead.sum(-1).float() / self.aux_k).clamp(max=1.0)
         return torch.where(self.aux_coef > 0, scale * aux_mse, torch.zeros_like(aux_mse))
 
@@ -336,7 +337,7 @@ class Stack:
         g: dict[str, Tensor] = {name: t for name, t in grads.items() if t is not None}
         W_dec = self.params["W_dec"].detach()
         if self.topk:  # the radial part of each unit decoder row's gradient (TopKSAE)
-            g["W_dec"].sub_((g["W_dec"] * W_dec).sum(-1, keepdim=True) * W_dec)
+            remove_radial_part(g["W_dec"], W_dec)
         self._clip(g)
         self._adam(g, per_step[1], per_step[2])
         if self.topk:
