@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from sae_sweep.models import architecture, build_sae, model_config
+from sae_sweep.train.optim import Adam, clip_gradients
 
 TOPK_FAMILY = ("topk", "batchtopk")
 
@@ -106,15 +107,16 @@ def step_time(arch: str, sparse: bool, batch: int, d_in: int, hidden: int, k: in
     topk_keys = {"k": k, "sparse_kernels": sparse} if architecture(arch).family == "topk" else {}
     cfg = model_config(arch, **topk_keys)
     sae = build_sae(cfg, d_in, hidden, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer
+    opt = Adam(sae.parameters(), lr=1e-4, fused=True)  # the trainer's optimizer and clipping
     x = torch.randn(batch, d_in) * 2
 
     def one() -> None:
         out = sae(x)
         opt.zero_grad(set_to_none=True)
         (out.mse + out.sparsity + out.aux).backward()
-        sae.before_optimizer_step()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0, foreach=True)
+        with torch.no_grad():
+            sae.before_optimizer_step()
+        clip_gradients(sae.parameters(), 1.0)
         opt.step()
         sae.after_optimizer_step(out.fired_H, batch)
 
