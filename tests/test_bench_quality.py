@@ -31,8 +31,27 @@ def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> Non
     assert row["gap"] == row["best"]["mcc"] - row["default"]["mcc"]
     assert 0 < row["default"]["mcc"] <= 1 and row["default"]["l0"] == 3
     assert row["default"]["lr"] is not None  # the recipe's value, recorded by the run
+    # the time comparison is with the best point trained alone, at its lr and batch size
+    alone = row["best_alone"]
+    assert (alone["lr"], alone["batch_size"]) == (row["best"]["lr"], row["best"]["batch_size"])
+    assert row["default_not_slower"] == (row["default"]["train_seconds"] <= alone["train_seconds"] * 1.05)
     table = (out / "quality.md").read_text()
     assert "| quick-gt | topk | MCC |" in table and table in proc.stdout
+
+    # Re-run under the same --out (finished runs are reused): pairs measured before, in other
+    # invocations, stay in the results; this pair's row is replaced, not repeated.
+    earlier = {**row, "dataset": "gt-earlier"}
+    (out / "quality.json").write_text(json.dumps([earlier, row]))
+    again = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = json.loads((out / "quality.json").read_text())
+    assert [r["dataset"] for r in rows] == ["gt-earlier", "quick-gt"] and rows[1]["grid"] == grid
+    assert "| gt-earlier | topk | MCC |" in (out / "quality.md").read_text()
 
 
 def test_help_and_list() -> None:
