@@ -51,20 +51,26 @@ LONG_BUDGET_STEPS = 80_000
 def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, steps: int) -> float:
     """The recipe lr for a run of `steps` optimizer steps, from the architecture's long-budget `base_lr`.
 
-    TopK family: base_lr x sqrt(LONG_BUDGET_STEPS / steps), at least base_lr and at most its
-    `budget_lr_cap` (1e-2).
+    TopK family: base_lr x sqrt(LONG_BUDGET_STEPS / steps) x sqrt(128 / d_in) (the last factor only
+    above d_in 128, its `budget_lr_d_in`), at least base_lr and at most its `budget_lr_cap` (1e-2).
     Gao et al.'s 2e-4 / sqrt(hidden / 2^14) is fitted on long runs; a run of a few hundred steps, as a
-    sweep trial on a CPU gets, measured best at 1e-2 where that rule gives 8e-4 to 1.6e-3.
-    relu: the same, at most its budget_lr_cap, 3e-3: its rule 1e-3 x sqrt(128 / d_in) measured 0.04-0.25 MCC
-    behind 3e-3 at 400-1000 steps, at d_in 64 to 256 alike (so the cap, not the scaled rule, sets
-    the lr there). jumprelu: base_lr unchanged (not measured at short budgets). d_in, hidden and k
-    enter through base_lr (k: not measured to matter).
+    sweep trial on a CPU gets, measured best at 1e-2 where that rule gives 8e-4 to 1.6e-3 (d_in 64 and
+    128). Wider inputs want less: at d_in 768 the best lr was 4e-3 (3e-3: 0.013 MCC behind; 7.6e-3, the
+    rule without the d_in factor: 0.126 behind), at d_in 256 4.5e-3 to 7e-3. Adam moves every weight
+    by about lr a step, and a unit decoder row's weights are ~1/sqrt(d_in), so the same lr turns a
+    wider row further.
+    relu: the same without the d_in factor, at most its budget_lr_cap, 3e-3: its rule
+    1e-3 x sqrt(128 / d_in) measured 0.04-0.25 MCC behind 3e-3 at 400-1000 steps, at d_in 64 to 256
+    alike (so the cap, not the scaled rule, sets the lr there). jumprelu: base_lr unchanged (not
+    measured at short budgets). hidden and k enter through base_lr (k: not measured to matter).
     """
-    cap = architecture(arch).budget_lr_cap
-    if cap is None:
+    spec = architecture(arch)
+    if spec.budget_lr_cap is None:
         return base_lr
     factor = max(1.0, (LONG_BUDGET_STEPS / max(1, steps)) ** 0.5)
-    return max(base_lr, min(base_lr * factor, cap))
+    if spec.budget_lr_d_in is not None and d_in > spec.budget_lr_d_in:
+        factor *= (spec.budget_lr_d_in / d_in) ** 0.5
+    return max(base_lr, min(base_lr * factor, spec.budget_lr_cap))
 
 
 # The recipe's batch size (tokens per optimizer step) and its short-budget rule: e.g. TopK at 1M tokens

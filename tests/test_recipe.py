@@ -30,6 +30,20 @@ def test_fewer_steps_get_a_larger_lr_and_long_budgets_the_architectures_rule(arc
     assert resolve_recipe(arch, 256, 2048, None, 1e-5, steps=50, k=16)[2] == 1e-5  # the user's lr wins
 
 
+def test_wider_inputs_get_a_smaller_short_budget_lr_and_long_budgets_keep_the_rule() -> None:
+    """Above d_in 128 the short-budget factor shrinks as sqrt(128 / d_in); Gao et al.'s rule itself
+    (long budgets) is kept at every d_in."""
+    steps, hidden = 300, 3072
+    base = architecture("topk").default_lr(768, hidden)
+    boosted = base * (recipe.LONG_BUDGET_STEPS / steps) ** 0.5
+    at = {d: resolve_recipe("topk", d, hidden, None, None, steps=steps, k=24)[2] for d in (64, 128, 768)}
+    assert at[64] == at[128] == pytest.approx(boosted)  # no d_in factor up to 128
+    assert at[768] == pytest.approx(boosted * (128 / 768) ** 0.5)  # ~3.1e-3 at gt-d768-4x's shape
+    assert resolve_recipe("topk", 768, hidden, None, None, steps=10**6, k=24)[2] == pytest.approx(base)
+    relu = [resolve_recipe("relu", d, 8 * d, None, None, steps=steps)[2] for d in (128, 768)]
+    assert relu == [RELU_CAP, RELU_CAP]  # relu: no d_in factor (its cap sets the lr at 64-256)
+
+
 RELU_CAP = 3e-3  # relu's budget_lr_cap
 
 

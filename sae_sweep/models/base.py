@@ -15,7 +15,8 @@ dataclass (a subclass of `ModelConfig`, whose fields are its `model.*` keys):
 - `family`: `penalty` (the loss adds `l1_lambda` x `sparsity_metric`, which `penalty` describes; its
   default coefficient is `default_coef`) or `topk` (k latents chosen per token or batch, no coefficient);
 - `default_dec_init_norm`: the decoder rows' initial norm; `default_lr(d_in, hidden)`: the lr rule;
-- `budget_lr_cap`, `budget_min_steps`: its short-budget recipe (sae_sweep.recipe; None: none);
+- `budget_lr_cap`, `budget_lr_d_in`, `budget_min_steps`: its short-budget recipe (sae_sweep.recipe;
+  None: none);
 - `saelens_architecture`: the SAELens form it is exported as;
 - `from_config(model_cfg, d_in, hidden, generator)` builds it; `check_config(...)` checks its keys.
 
@@ -109,9 +110,11 @@ class SAE(nn.Module):
     penalty: ClassVar[str] = "no penalty"  # what the loss adds to the MSE, in words (for --help)
     default_coef: ClassVar[float | None] = None  # l1_lambda when it is null; None = takes no l1_lambda
     # The short-budget recipe (sae_sweep.recipe), measured on the quality suite: a null lr is default_lr
-    # x sqrt(80000 / steps), at most budget_lr_cap; a null batch_size halves from 4096 while the budget
-    # gives fewer than budget_min_steps steps (down to 1024). None: default_lr and 4096 at any budget.
+    # x sqrt(80000 / steps) (x sqrt(budget_lr_d_in / d_in) above that d_in), at most budget_lr_cap; a
+    # null batch_size halves from 4096 while the budget gives fewer than budget_min_steps steps (down to
+    # 1024). None: default_lr and 4096 at any budget; budget_lr_d_in None: no d_in factor.
     budget_lr_cap: ClassVar[float | None] = None
+    budget_lr_d_in: ClassVar[int | None] = None
     budget_min_steps: ClassVar[int | None] = None
     default_dec_init_norm: ClassVar[float] = 1.0
     saelens_architecture: ClassVar[str]

@@ -64,6 +64,7 @@ class TopKSAE(SAE):
     family = "topk"
     # 1e-2: 3e-2 was worse wherever measured; 400 steps: 2048 at 1M tokens beat 4096 by 0.034 MCC
     budget_lr_cap = 1e-2
+    budget_lr_d_in = 128  # above it the short-budget lr falls as 1/sqrt(d_in): best 4e-3 at d_in 768
     budget_min_steps = 400
     penalty = "no penalty: keeps the k largest pre-activations per token (AuxK trains dead latents)"
     saelens_architecture = "topk"
