@@ -34,7 +34,7 @@ def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> Non
     # the time comparison is with the best point trained alone, at its lr and batch size
     alone = row["best_alone"]
     assert (alone["lr"], alone["batch_size"]) == (row["best"]["lr"], row["best"]["batch_size"])
-    assert row["default_not_slower"] == (row["default"]["train_seconds"] <= alone["train_seconds"] * 1.05)
+    assert row["default_not_slower"] == quality.not_slower(row["default"], alone)
     table = (out / "quality.md").read_text()
     assert "| quick-gt | topk | MCC |" in table and table in proc.stdout
 
@@ -52,6 +52,13 @@ def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> Non
     rows = json.loads((out / "quality.json").read_text())
     assert [r["dataset"] for r in rows] == ["gt-earlier", "quick-gt"] and rows[1]["grid"] == grid
     assert "| gt-earlier | topk | MCC |" in (out / "quality.md").read_text()
+
+
+def test_not_slower_means_the_same_work_or_seconds_within_5_percent() -> None:
+    run = {"batch_size": 1024, "steps": 293, "train_seconds": 41.0}
+    assert quality.not_slower(run, {**run, "train_seconds": 30.0})  # same batches and steps: same work
+    assert not quality.not_slower(run, {"batch_size": 2048, "steps": 147, "train_seconds": 30.0})
+    assert quality.not_slower(run, {"batch_size": 4096, "steps": 74, "train_seconds": 40.0})
 
 
 def test_help_and_list() -> None:
