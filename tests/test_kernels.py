@@ -209,3 +209,23 @@ def test_prefix_decode_matches_dense_nested_reconstructions_with_gradients(kerne
         (expected * weights).sum().backward()
         assert torch.allclose(_grad(W_s), _grad(W_d), atol=1e-4)
         assert torch.allclose(_grad(vals), _grad(f)[code.rows, code.idx], atol=1e-4)
+
+
+def test_transposed_product_is_the_csr_product():
+    """The W_dec / W_enc gradient sum (embedding_bag's forward over entries sorted by latent) is the
+    CSR x dense product S^T @ src (to rounding); latents no entry selects get zero rows."""
+    from sae_sweep.models.kernels.sparse import transposed_product
+
+    g = torch.Generator().manual_seed(0)
+    B, H, D, k = 64, 96, 24, 5
+    scores_BH = torch.rand(B, H, generator=g)
+    scores_BH[:, 7] = -1  # latent 7 is never selected
+    idx = scores_BH.topk(k, dim=-1).indices.flatten()
+    rows = torch.arange(B).repeat_interleave(k)
+    w, src = torch.randn(B * k, generator=g), torch.randn(B, D, generator=g)
+    dense_BH = torch.zeros(B, H).index_put_((rows, idx), w, accumulate=True)
+    csr_HB = dense_BH.t().to_sparse_csr()
+    expected = torch.sparse.mm(csr_HB, src)
+    got = transposed_product(idx, rows, w, src, H, "torch")
+    torch.testing.assert_close(got, expected)
+    assert not got[7].any()

@@ -137,8 +137,9 @@ def transposed_product(
 
     torch: the entries sorted by latent (a stable sort keeps tokens ascending within each) make each
     latent one bag of `src` rows, which embedding_bag's forward sums with the weights: the CSR x dense
-    product S^T @ src, bit for bit, in half its time on CPU (that product zero-fills its output and
-    copies it twice), and ~10x faster than embedding_bag's own backward, which sorts far more slowly."""
+    product S^T @ src (the same sums, to the last bit or so) in half its time on CPU (that product
+    zero-fills its output and copies it twice), and ~10x faster than embedding_bag's own backward,
+    which sorts far more slowly."""
     w = w.to(src.dtype)
     if kernels == "triton":
         from sae_sweep.models.kernels import triton_ops
