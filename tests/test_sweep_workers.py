@@ -138,6 +138,10 @@ def wait_for_workers(storage: str, study_name: str | None, n: int, procs, timeou
 
 # Long enough that a pack of 8 is still training when a copy started after it joins (seconds, loaded)
 LATE_JOIN_TOKENS = 150_000
+# With three commands the third starts only once the second holds its pack, after a Python start-up of
+# its own: the first's pack must still be training then, so these trials are twice as long (the same
+# ratio under load: start-up and training are both CPU-bound).
+LATE_JOIN_TOKENS_3 = 300_000
 
 
 def per_command(trials) -> Counter:
@@ -423,7 +427,7 @@ def test_copies_started_after_the_first_claimed_its_pack_share_it_on_postgresql(
         f"sweep.storage='{postgres_url}'",
         "sweep.study_name=pg_late",
         "sweep.grace_s=120",
-        tokens=LATE_JOIN_TOKENS,
+        tokens=LATE_JOIN_TOKENS_3,
     )
     procs = start_late_joiners(cmd, tmp_path, postgres_url, "pg_late", 3)
     check_late_joiners_got_their_share(procs, postgres_url, "pg_late", 3)
