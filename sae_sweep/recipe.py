@@ -61,7 +61,8 @@ def budget_lr(base_lr: float, arch: str, d_in: int, hidden: int, k: int | None, 
     wider row further.
     relu: the same without the d_in factor, at most its budget_lr_cap, 3e-3: its rule
     1e-3 x sqrt(128 / d_in) measured 0.04-0.25 MCC behind 3e-3 at 400-1000 steps, at d_in 64 to 256
-    alike (so the cap, not the scaled rule, sets the lr there). jumprelu: base_lr unchanged (not
+    alike, and 3e-3 was the best cell on MiniLM (d_in 384) too (so the cap, not the scaled rule, sets
+    the lr there). jumprelu: base_lr unchanged (not
     measured at short budgets). hidden and k enter through base_lr (k: not measured to matter).
     """
     spec = architecture(arch)
