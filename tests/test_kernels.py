@@ -162,6 +162,26 @@ def test_batch_top_values_is_the_flat_top_n_even_when_one_row_holds_most_of_it()
             assert torch.equal(flat[vals > 0].sort().values, ref_flat[ref_vals > 0].sort().values), n
 
 
+def test_batch_top_values_from_a_sampled_threshold_or_its_fallback_is_the_flat_top_n():
+    """The sampled threshold is tried first (tokens of very different norms, as real activations
+    have); where the sample overrates the batch (its large values sit only at sampled positions) the
+    per-row candidates take over; both give the exact flat top n."""
+    from sae_sweep.models.kernels.sparse import SAMPLE_STRIDE, _above_sampled_threshold
+
+    g = torch.Generator().manual_seed(0)
+    B, H, n = 256, 512, 256 * 8
+    norms = torch.rand(B, 1, generator=g) * 4 + 0.1
+    varied = torch.randn(B, H, generator=g) * norms
+    overrated = torch.randn(B, H, generator=g) * 0.01
+    overrated.view(-1)[::SAMPLE_STRIDE][:n] = 5 + torch.rand(n, generator=g)
+    for pre, sampled in ((varied, True), (overrated, False)):
+        assert (_above_sampled_threshold(pre, n) is not None) == sampled
+        vals, flat = batch_top_values(pre, n)
+        expected = pre.flatten().topk(n).indices
+        assert torch.equal(flat.sort().values, expected.sort().values)
+        assert torch.equal(vals, pre.flatten()[flat].clamp_min(0))
+
+
 def test_batchtopk_code_offsets_are_what_embedding_bag_takes():
     code = _variable_code(seed=4)
     counts = code.bounds.diff()
