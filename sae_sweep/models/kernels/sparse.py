@@ -47,8 +47,10 @@ def topk_code(pre_BH: Tensor, k: int) -> Code:
 def batch_top_values(pre_BH: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
     """(relu'd values, flat indices into pre_BH) of its n_keep largest entries over the whole batch.
 
-    On CPU, a flat top-n over B*H values costs several times a per-row top-k. So: take each row's top
-    2n/B as candidates and t, the n-th largest of them. t is at most the true n-th value (the candidates
+    On CPU, a flat top-n over B*H values costs several times a per-row top-k. So first a threshold
+    sampled from the batch (`_above_sampled_threshold`: one compare over the batch, exact when enough
+    values pass it); failing that, take each row's top 2n/B as candidates and t, the n-th largest of
+    them. t is at most the true n-th value (the candidates
     are a subset), so a value not among its row's candidates can belong only to a row whose every
     candidate is >= t (a "full" row; any other row's unseen values lie below its smallest candidate,
     hence below t). Those rows contribute all their values >= t instead of their candidates, and the
