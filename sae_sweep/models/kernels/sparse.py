@@ -99,17 +99,18 @@ def _above_sampled_threshold(pre_BH: Tensor, n_keep: int) -> tuple[Tensor, Tenso
     among them); None otherwise, or when t <= 0 (relu'd values are tied at 0 there). One compare over
     the batch instead of a per-row top-2n/B: tokens of large norm hold many of the batch's top n, and
     their rows would all need the fix-up."""
-    sample = pre_BH.view(-1)[::SAMPLE_STRIDE]
+    flat_N = pre_BH.reshape(-1)  # a view when contiguous, as the pre-activation buffer is
+    sample = flat_N[::SAMPLE_STRIDE]
     rank = -(-n_keep * 9 // (8 * SAMPLE_STRIDE))
     if rank >= sample.numel() or n_keep < 8 * SAMPLE_STRIDE:
         return None
     t = sample.topk(rank, sorted=False).values.min()
     if float(t) <= 0:
         return None
-    flat = (pre_BH >= t).view(-1).nonzero().squeeze(1)
+    flat = (flat_N >= t).nonzero().squeeze(1)
     if flat.numel() < n_keep:
         return None
-    vals, pos = pre_BH.view(-1)[flat].topk(n_keep, sorted=False)
+    vals, pos = flat_N[flat].topk(n_keep, sorted=False)
     return vals.clamp_min(0), flat[pos]
 
 
