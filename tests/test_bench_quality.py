@@ -10,14 +10,18 @@ from pathlib import Path
 from benchmarks import quality
 
 
-def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> None:
-    out = tmp_path / "q"
-    proc = subprocess.run(
+def quick_suite(out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    proc = quick_suite(out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads((out / "quality.json").read_text())
     assert row["dataset"] == "quick-gt" and row["arch"] == "topk" and row["score"] == "mcc"
@@ -42,12 +46,7 @@ def test_quick_suite_compares_default_with_the_grids_best(tmp_path: Path) -> Non
     # invocations, stay in the results; this pair's row is replaced, not repeated.
     earlier = {**row, "dataset": "gt-earlier"}
     (out / "quality.json").write_text(json.dumps([earlier, row]))
-    again = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = quick_suite(out)
     assert again.returncode == 0, again.stderr[-2000:]
     rows = json.loads((out / "quality.json").read_text())
     assert [r["dataset"] for r in rows] == ["gt-earlier", "quick-gt"] and rows[1]["grid"] == grid
